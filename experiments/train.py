@@ -1,0 +1,91 @@
+"""Train any registered config.
+
+  python -m experiments.train                                  # default: the tiny LM on local text
+  python -m experiments.train --config=lm_tiny --config.num_steps=100 --workdir=/tmp/run
+  python -m experiments.train --config=lm_tiny --dry_run        # sizes, memory, FLOPs; allocates nothing
+
+Flags: --config=NAME[:arg] (see sqattn/configs/__init__.py REGISTRY), --config.a.b=value overrides,
+--workdir (default /tmp/sqattn/<config>), --dry_run, --distributed (call jax.distributed.initialize()).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+
+DEFAULT_CONFIG = "lm_tiny"
+
+flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics.jsonl, tb/, loss.png).")
+flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print sizes/memory/FLOPs as a table and a "
+                  "final JSON line, and exit without allocating it.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+FLAGS = flags.FLAGS
+
+_CONFIG_ARGV: list[str] = []
+
+
+def _parse(argv):
+    """Takes --config/--config.* out of argv (handled by sqattn.configs.cli), absl parses the rest."""
+    from sqattn.configs import cli
+    try:
+        name, overrides, rest = cli.split_argv(argv[1:])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    _CONFIG_ARGV[:] = [f"--config={name}"] if name else []
+    _CONFIG_ARGV.extend(f"--config.{k}={v}" for k, v in overrides)
+    return FLAGS([argv[0]] + rest)
+
+
+def _quiet_logging() -> None:
+    """sqattn's own INFO lines on stderr; absl/orbax chatter only from WARNING up."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logger = logging.getLogger("sqattn")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[sqattn] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def main(argv):
+    del argv
+    if FLAGS.distributed:
+        import jax
+        jax.distributed.initialize()
+    from sqattn.configs import cli
+    from sqattn.configs.validate import ConfigError
+    try:
+        config, _ = cli.config_from_argv(_CONFIG_ARGV, DEFAULT_CONFIG)
+    except (ValueError, TypeError) as e:
+        sys.exit(f"error: {e}")
+    if FLAGS.dry_run:
+        from sqattn.train.dryrun import dry_run, format_report
+        try:
+            print(format_report(dry_run(config, check_devices=False)))
+        except ConfigError as e:
+            sys.exit(f"error: invalid config: {e}")
+        return
+    from sqattn.train import train_and_evaluate
+    from sqattn.train.trainer import MemoryBudgetError, NonFiniteLossError
+    from sqattn.train.checkpoint import CheckpointError
+    workdir = FLAGS.workdir or os.path.join("/tmp/sqattn", config.name.replace(":", "_"))
+    _quiet_logging()
+    try:
+        result = train_and_evaluate(config, workdir, progress=FLAGS.progress)
+    except (ConfigError, MemoryBudgetError, NonFiniteLossError, CheckpointError, ValueError,
+            FileNotFoundError) as e:
+        sys.exit(f"error: {type(e).__name__}: {e}")
+    print(f"checkpoints: {result['checkpoints']}\nmetrics:     {result['metrics']}\n"
+          f"tensorboard: {os.path.join(workdir, 'tb')}\nplot:        {result['plot']}")
+    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, bool))}))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)

@@ -1,0 +1,238 @@
+"""Pallas forward kernel for gated linear attention (chunked form, state carried in the kernel).
+
+Grid ``(B, H, V // block_v)``. Columns of the state ``S in R^{K x V}`` evolve independently, so each
+program owns one ``block_v`` slice of the values, walks the chunks of its ``(b, h)`` row in order
+with ``lax.fori_loop``, and keeps its ``[K, block_v]`` float32 state in registers/VMEM. Inside a
+chunk the math is exactly ``ref.gla_chunked`` (same references for the decays, same finite masks
+for packed sequences), expressed with 2-D tiles only:
+
+* sub-chunk ``I`` against the chunk-start state: ``(q_I * exp(G_I)) @ S``;
+* sub-chunk ``I`` against an earlier sub-chunk ``J``:
+  ``(q_I exp(G_I - G_eJ)) @ (k_J exp(G_eJ - G_J))^T @ v_J``;
+* inside sub-chunk ``I``: a loop over its ``c`` columns ``j`` adding
+  ``sum_k(q_I * k_j * exp(min(G_I - G_j, 0))) * v_j`` (rank-1 updates, no ``[c, c, K]`` tensor);
+* state update: ``S <- exp(G_last) * S + sum_I (k_I exp(G_last - G_I))^T @ v_I``.
+
+All exponents are <= 0. The wrapper pads ``T`` to a multiple of the chunk (zero q/k/v, zero
+log-decay) and ``K``, ``V`` to powers of two >= 16 (zeros; Triton needs power-of-two tiles and
+``tl.dot`` needs dims >= 16), precomputes the within-chunk cumulative log-decay ``G`` (float32), the
+document index of every position, and the per-chunk state decay ``exp(G_last)`` (zeroed where a
+chunk contains a segment reset), then transposes to ``[B, H, T, D]`` so every block's last two dims
+are the full array dims (legal on TPU for any size, plain pointers on GPU).
+
+Forward only: ``ops.py`` wraps this in ``jax.custom_vjp`` and takes the backward from
+``ref.gla_chunked``.
+
+Status: exercised on CPU through the Pallas interpreter (``interpret=True``). The block specs and
+ops used (2-D loads with ``pl.ds``, ``dot_general``, ``fori_loop``, elementwise math) are chosen
+for the Triton (GPU) and Mosaic (TPU) lowerings, but this file has not been compiled on either.
+On TPU each block holds a whole ``[T, K]`` sequence in VMEM, which bounds ``T``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels.gla import ref
+
+__all__ = ["BlockSizes", "gla_fwd"]
+
+_MIN_TILE = 16  # smallest tl.dot dimension
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the GLA forward kernel.
+
+    Attributes:
+      block_v: value columns per program (a power of two; divides the padded V).
+      sub_chunk: rows per sub-chunk ``c``; the chunk size must be a multiple of it.
+    """
+    block_v: int = 64
+    sub_chunk: int = ref.SUB_CHUNK
+
+    @classmethod
+    def get_default(cls, v_dim: int, platform: str = "gpu") -> "BlockSizes":
+        """Defaults: 64 value columns on GPU (more programs for small B*H), all of V on TPU/CPU."""
+        v_pad = padded_dim(v_dim)
+        block_v = min(v_pad, 64) if platform == "gpu" else v_pad
+        return cls(block_v=block_v)
+
+
+def padded_dim(dim: int) -> int:
+    """Kernel size of a head dim: the next power of two, at least 16."""
+    return max(_next_pow2(dim), _MIN_TILE)
+
+
+def _pad_last(x: jax.Array, size: int) -> jax.Array:
+    pad = size - x.shape[-1]
+    if pad == 0:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def _gla_fwd_kernel(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref,  # inputs
+                    o_ref, ht_ref,  # outputs
+                    *, scale: float, chunk: int, sub: int, num_chunks: int, mm_dtype):
+    """One program: all chunks of one (batch, head) for one block of value columns.
+
+    Refs (leading grid dims squeezed): q/k/cum ``[T_pad, K_pad]``, v/o ``[T_pad, block_v]``,
+    doc ``[T_pad, 1]`` int32, carry ``[N * K_pad, 1]``, h0/ht ``[K_pad, block_v]``.
+    """
+    f32 = jnp.float32
+    k_pad = q_ref.shape[-1]
+    n_sub = chunk // sub
+    precision = jax.lax.Precision.HIGHEST if mm_dtype == f32 else None
+    rows = jax.lax.broadcasted_iota(jnp.int32, (sub, 1), 0)  # [c, 1]
+
+    def dot(a, b, contract):
+        return jax.lax.dot_general(a.astype(mm_dtype), b.astype(mm_dtype), (contract, ((), ())),
+                                   precision=precision, preferred_element_type=f32)
+
+    def rows_of(r, start, size):
+        return r[pl.ds(start, size), :]
+
+    def chunk_body(ci, state):
+        base = pl.multiple_of(ci * chunk, chunk)
+        last = base + chunk - 1
+        doc_prev = rows_of(doc_ref, jnp.maximum(base - 1, 0), 1)  # [1, 1] (doc of pos -1 is 0)
+        doc_last = rows_of(doc_ref, last, 1)  # [1, 1]
+        cum_last = rows_of(cum_ref, last, 1)  # [1, K]
+        update = jnp.zeros(state.shape, f32)  # [K, bv]
+        for i_sub in range(n_sub):
+            s_i = base + i_sub * sub
+            q_i = rows_of(q_ref, s_i, sub).astype(f32) * scale  # [c, K]
+            k_i = rows_of(k_ref, s_i, sub).astype(f32)  # [c, K]
+            v_i = rows_of(v_ref, s_i, sub)  # [c, bv]
+            cum_i = rows_of(cum_ref, s_i, sub)  # [c, K]
+            doc_i = rows_of(doc_ref, s_i, sub)  # [c, 1]
+
+            # Against the state at the chunk start.
+            q_in = jnp.where(doc_i == doc_prev, q_i * jnp.exp(cum_i), 0.0)  # [c, K]
+            o_i = dot(q_in, state, ((1,), (0,)))  # [c, bv]
+
+            # Against earlier sub-chunks of this chunk, referenced at the end of sub-chunk J.
+            for j_sub in range(i_sub):
+                s_j = base + j_sub * sub
+                end_j = s_j + sub - 1
+                cum_e = rows_of(cum_ref, end_j, 1)  # [1, K]
+                doc_e = rows_of(doc_ref, end_j, 1)  # [1, 1]
+                cum_j = rows_of(cum_ref, s_j, sub)  # [c, K]
+                doc_j = rows_of(doc_ref, s_j, sub)  # [c, 1]
+                q_off = jnp.where(doc_i == doc_e, q_i * jnp.exp(cum_i - cum_e), 0.0)  # [c, K]
+                k_off = jnp.where(doc_j == doc_e,
+                                  rows_of(k_ref, s_j, sub).astype(f32) * jnp.exp(cum_e - cum_j),
+                                  0.0)  # [c, K]
+                scores = dot(q_off, k_off, ((1,), (1,)))  # [c, c]
+                o_i = o_i + dot(scores, rows_of(v_ref, s_j, sub), ((1,), (0,)))  # [c, bv]
+
+            # Inside sub-chunk I: one column j at a time.
+            def column(j, acc):
+                k_j = rows_of(k_ref, s_i + j, 1).astype(f32)  # [1, K]
+                cum_j = rows_of(cum_ref, s_i + j, 1)  # [1, K]
+                doc_j = rows_of(doc_ref, s_i + j, 1)  # [1, 1]
+                v_j = rows_of(v_ref, s_i + j, 1).astype(f32)  # [1, bv]
+                w = jnp.sum(q_i * k_j * jnp.exp(jnp.minimum(cum_i - cum_j, 0.0)), axis=1,
+                            keepdims=True)  # [c, 1]
+                w = jnp.where((rows >= j) & (doc_i == doc_j), w, 0.0)
+                return acc + w * v_j  # [c, bv]
+
+            o_i = jax.lax.fori_loop(0, sub, column, o_i)
+            o_ref[pl.ds(s_i, sub), :] = o_i.astype(o_ref.dtype)
+
+            k_up = jnp.where(doc_i == doc_last, k_i * jnp.exp(cum_last - cum_i), 0.0)  # [c, K]
+            update = update + dot(k_up, v_i, ((0,), (0,)))  # [K, bv]
+
+        carry = carry_ref[pl.ds(pl.multiple_of(ci * k_pad, k_pad), k_pad), :]  # [K, 1]
+        return carry * state + update
+
+    ht_ref[...] = jax.lax.fori_loop(0, num_chunks, chunk_body, h0_ref[...].astype(f32))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "block_sizes", "interpret"))
+def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_state: jax.Array,
+            doc: jax.Array, *, scale: float, chunk_size: int, block_sizes: BlockSizes,
+            interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """Runs the forward kernel.
+
+    Args:
+      q: ``[B, T, H, K]``.
+      k: ``[B, T, H, K]``.
+      v: ``[B, T, H, V]``.
+      g: ``[B, T, H, K]`` log-decay (float32 recommended).
+      initial_state: ``[B, H, K, V]`` float32.
+      doc: ``[B, T]`` int32 document index (``ref.document_index``).
+      scale: output scale.
+      chunk_size: chunk length; a multiple of ``block_sizes.sub_chunk`` (or smaller than it, in
+        which case the chunk is one sub-chunk).
+      block_sizes: tiles.
+      interpret: run the Pallas interpreter (CPU).
+
+    Returns:
+      ``(o, final_state)``: ``[B, T, H, V]`` in ``q.dtype``, ``[B, H, K, V]`` float32.
+    """
+    batch, length, heads, k_dim = q.shape
+    v_dim = v.shape[-1]
+    chunk = int(chunk_size)
+    sub = block_sizes.sub_chunk if chunk % block_sizes.sub_chunk == 0 else chunk
+    num_chunks = -(-length // chunk)
+    t_pad = num_chunks * chunk
+    k_pad, v_pad = padded_dim(k_dim), padded_dim(v_dim)
+    block_v = min(block_sizes.block_v, v_pad)
+    if v_pad % block_v:
+        raise ValueError(f"gla: block_v={block_v} must divide the padded V={v_pad}")
+    mm_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
+
+    def prep(x, dim):  # [B, T, H, D] -> [B, H, T_pad, D_pad]
+        x = _pad_last(ref.pad_time(x, t_pad), dim)
+        return jnp.transpose(x, (0, 2, 1, 3))
+
+    g = _pad_last(ref.pad_time(g.astype(jnp.float32), t_pad), k_pad)  # [B, T_pad, H, K_pad]
+    cum = jnp.cumsum(g.reshape(batch, num_chunks, chunk, heads, k_pad), axis=2)  # [B,N,C,H,K]
+    doc = ref.pad_time(doc.astype(jnp.int32), t_pad, mode="edge")  # [B, T_pad]
+    doc_c = doc.reshape(batch, num_chunks, chunk)  # [B, N, C]
+    doc_last = doc_c[:, :, -1]  # [B, N]
+    doc_prev = jnp.concatenate([jnp.zeros_like(doc_last[:, :1]), doc_last[:, :-1]], axis=1)
+    carry = jnp.where((doc_last == doc_prev)[:, :, None, None], jnp.exp(cum[:, :, -1]),
+                      0.0)  # [B, N, H, K]
+    carry = jnp.transpose(carry, (0, 2, 1, 3)).reshape(batch, heads, num_chunks * k_pad, 1)
+
+    q_t, k_t = prep(q, k_pad), prep(k, k_pad)  # [B, H, T_pad, K_pad]
+    v_t = prep(v, v_pad)  # [B, H, T_pad, V_pad]
+    cum_t = jnp.transpose(cum.reshape(batch, t_pad, heads, k_pad), (0, 2, 1, 3))  # [B,H,Tp,Kp]
+    h0 = jnp.pad(initial_state.astype(jnp.float32),
+                 ((0, 0), (0, 0), (0, k_pad - k_dim), (0, v_pad - v_dim)))  # [B, H, Kp, Vp]
+
+    kernel = functools.partial(_gla_fwd_kernel, scale=float(scale), chunk=chunk, sub=sub,
+                               num_chunks=num_chunks, mm_dtype=mm_dtype)
+    seq_k = pl.BlockSpec((None, None, t_pad, k_pad), lambda b, h, j: (b, h, 0, 0))
+    seq_v = pl.BlockSpec((None, None, t_pad, block_v), lambda b, h, j: (b, h, 0, j))
+    state = pl.BlockSpec((None, None, k_pad, block_v), lambda b, h, j: (b, h, 0, j))
+    o, final_state = pl.pallas_call(
+        kernel,
+        grid=(batch, heads, v_pad // block_v),
+        in_specs=[
+            seq_k, seq_k, seq_v, seq_k,
+            pl.BlockSpec((None, t_pad, 1), lambda b, h, j: (b, 0, 0)),  # doc
+            pl.BlockSpec((None, None, num_chunks * k_pad, 1), lambda b, h, j: (b, h, 0, 0)),
+            state,
+        ],
+        out_specs=[seq_v, state],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, heads, t_pad, v_pad), q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, k_pad, v_pad), jnp.float32),
+        ],
+        interpret=interpret,
+        name="gla_fwd",
+    )(q_t, k_t, v_t, cum_t, doc[:, :, None], carry, h0)
+    o = jnp.transpose(o, (0, 2, 1, 3))[:, :length, :, :v_dim]  # [B, T, H, V]
+    return o, final_state[:, :, :k_dim, :v_dim]

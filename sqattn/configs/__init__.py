@@ -1,0 +1,57 @@
+"""Named configs. ``get("NAME[:arg]")`` -> a validated-later ``ConfigDict``.
+
+Each module ``sqattn/configs/<family>.py`` exposes ``get_config(arg: str | None)``; ``arg`` is a
+big_vision-style string ``"size=tiny,runlocal"`` parsed by ``parse_arg``. ``REGISTRY`` maps public names to
+(module, default arg); ``NAME:extra`` appends ``extra`` to the default arg (``lm_tiny:runlocal``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+# name -> (module under sqattn.configs, default arg)
+REGISTRY: dict[str, tuple[str, str]] = {
+    "lm_tiny": ("lm", "mixer=attention"),
+    "swa_tiny": ("lm", "mixer=swa"),
+}
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def get(name_and_arg: str) -> ml_collections.ConfigDict:
+    """Returns the config registered as ``name`` (optionally ``name:arg``)."""
+    name, _, extra = name_and_arg.partition(":")
+    if name not in REGISTRY:
+        raise ValueError(f"unknown config {name!r}; known configs: {', '.join(names())}")
+    module, arg = REGISTRY[name]
+    arg = ",".join(a for a in (arg, extra) if a)
+    cfg = importlib.import_module(f"sqattn.configs.{module}").get_config(arg or None)
+    with cfg.unlocked():
+        cfg.name = name_and_arg
+    return cfg
+
+
+def parse_arg(arg: str | None, **spec):
+    """Parses ``"a=1,b,c=x"`` against defaults in ``spec`` (big_vision's ``parse_arg``).
+
+    A bare key sets a bool to True. Values take the type of their default. Unknown keys raise.
+    """
+    out = dict(spec)
+    for item in filter(None, (arg or "").split(",")):
+        key, eq, val = item.partition("=")
+        if key not in spec:
+            raise ValueError(f"unknown config arg {key!r}; known: {sorted(spec)}")
+        default = spec[key]
+        if not eq:
+            if not isinstance(default, bool):
+                raise ValueError(f"config arg {key!r} needs a value ({key}=...)")
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = val.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(default)(val)
+    return ml_collections.ConfigDict(out)

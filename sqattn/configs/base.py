@@ -1,0 +1,48 @@
+"""Shared defaults for every run; family modules start from ``base_config()`` and change what differs."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        lr=3e-3,              # peak learning rate
+        warmup_steps=50,      # linear warmup from 0
+        min_lr_ratio=0.1,     # cosine decays to lr * min_lr_ratio at num_steps
+        weight_decay=0.1,     # AdamW decoupled decay (not applied to norms/biases/1-D params)
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip=1.0,        # global-norm clip; 0 disables
+        grad_accum=1,         # micro-batches per step (batch_size is the full step batch)
+    ))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        data=1,               # data-parallel axis size
+        fsdp=-1,              # fully-sharded data-parallel axis size; -1 = all remaining devices
+        tensor=1,             # tensor-parallel axis size
+        expert=1,             # expert-parallel axis size
+        rules="default",      # logical-axis rule set in sqattn.parallel.sharding.LOGICAL_AXIS_RULES
+    ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = ""                  # set by configs.get
+    c.model_name = "lm"          # key in sqattn.models.MODELS
+    c.task = "lm"                # key in sqattn.train.tasks.TASKS
+    c.seed = 0                   # parameter init seed (data has its own seed in data.seed)
+    c.batch_size = 16            # global batch (sequences per step)
+    c.num_steps = 1000           # total optimizer steps
+    c.log_every = 10             # steps between metrics.jsonl records
+    c.eval_every = 200           # steps between evaluations (0: only at the end)
+    c.eval_batches = 8           # eval batches per evaluation
+    c.checkpoint_every = 200     # steps between checkpoints (and at the end, and on SIGTERM)
+    c.keep_checkpoints = 3       # orbax max_to_keep
+    c.optim = optim_config()
+    c.mesh = mesh_config()
+    c.kernel_impl = "auto"       # default impl for ops ("auto", "ref", "chunked", "interpret", "pallas")
+    return c

@@ -1,0 +1,69 @@
+"""Byte-level decoder LMs on local text, with a softmax-attention mixer (full or sliding window).
+
+Command (default main job; 2 CPU cores, ~2-3 minutes, eval bits/byte falls from 8 to about 2.5):
+  python -m experiments.train --config=lm_tiny --workdir=/tmp/lm_tiny
+Args: ``mixer=attention|swa``, ``size=tiny|small``, ``runlocal`` (a few steps, for smoke tests).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sqattn import data
+from sqattn.configs import base, parse_arg
+
+# size -> (d_model, num_layers, num_heads, num_kv_heads, mlp_dim)
+SIZES = {
+    "tiny": (128, 4, 4, 2, 384),
+    "small": (384, 6, 6, 2, 1024),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = parse_arg(arg, mixer="attention", size="tiny", runlocal=False)
+    if a.size not in SIZES:
+        raise ValueError(f"unknown size {a.size!r}; known: {sorted(SIZES)}")
+    d, layers, heads, kv_heads, mlp = SIZES[a.size]
+    c = base.base_config()
+    c.data = data.default_config("text")
+    c.data.seq_len = 128
+    c.batch_size = 16
+    c.num_steps = 600
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 50
+    c.eval_every = 200
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=256,            # bytes
+        d_model=d,
+        num_layers=layers,
+        block_pattern="A",         # mixer letters, repeated to num_layers (sqattn.mixers)
+        mlp_dim=mlp,               # SwiGLU hidden; 0 = no MLP
+        tie_embeddings=True,
+        dtype="float32",           # compute dtype ("float32" | "bfloat16"); params stay float32
+        norm_eps=1e-6,
+        remat=False,               # rematerialise each block in the backward pass
+        mixers=ml_collections.ConfigDict(dict(
+            attention=ml_collections.ConfigDict(dict(
+                num_heads=heads, num_kv_heads=kv_heads, window=0, rope_theta=10000.0, qk_norm=False)),
+        )),
+    ))
+    if a.mixer == "swa":
+        c.model.mixers.attention.window = 32
+    elif a.mixer != "attention":
+        raise ValueError(f"lm configs: unknown mixer {a.mixer!r}; expected attention|swa")
+    if a.runlocal:
+        shrink(c)
+    return c
+
+
+def shrink(c: ml_collections.ConfigDict) -> None:
+    """The ``runlocal`` variant: a few small steps, for smoke tests of any config."""
+    c.batch_size = 4
+    c.num_steps = 4
+    c.log_every = 1
+    c.eval_every = 4
+    c.eval_batches = 1
+    c.checkpoint_every = 2
+    c.optim.warmup_steps = 1
+    if "seq_len" in c.data:
+        c.data.seq_len = min(c.data.seq_len, 64)

@@ -1,0 +1,78 @@
+"""Checks a config before anything is built or compiled; every error names the offending field."""
+
+from __future__ import annotations
+
+
+
+import jax
+import ml_collections
+
+from sqattn.parallel import sharding
+
+_IMPLS = ("auto", "ref", "chunked", "interpret", "pallas")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with the field and the reason."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: ml_collections.ConfigDict, *, check_devices: bool = True) -> None:
+    """Raises ``ConfigError`` for inconsistent sizes, unknown names, or a mesh larger than the devices present."""
+    from sqattn import models, mixers  # noqa: F401 (imports the registries)
+    from sqattn.train import tasks
+    _check(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
+    _check(cfg.num_steps >= 0, f"num_steps must be >= 0, got {cfg.num_steps}")
+    _check(cfg.kernel_impl in _IMPLS, f"kernel_impl {cfg.kernel_impl!r} not in {_IMPLS}")
+    models.model_class(cfg.model_name)
+    tasks.get_task(cfg.task)
+    o = cfg.optim
+    _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _check(o.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {o.grad_accum}")
+    _check(cfg.batch_size % o.grad_accum == 0,
+           f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
+    sharding.mesh_rules(cfg.mesh.rules)
+    if check_devices:
+        sizes = sharding.mesh_shape(cfg.mesh)
+        batch_ways = sizes["data"] * sizes["fsdp"]
+        micro = cfg.batch_size // o.grad_accum
+        _check(micro % batch_ways == 0,
+               f"micro-batch {micro} (batch_size/grad_accum) is not divisible by the data*fsdp mesh axes "
+               f"({sizes['data']}*{sizes['fsdp']}={batch_ways})")
+        _check(micro % jax.process_count() == 0,
+               f"micro-batch {micro} is not divisible by the {jax.process_count()} processes")
+    if cfg.model_name == "lm":
+        _validate_lm(cfg)
+
+
+def _validate_lm(cfg) -> None:
+    from sqattn import mixers
+    from sqattn.models.lm import DTYPES
+    m = cfg.model
+    _check(m.d_model > 0 and m.num_layers > 0, f"model.d_model and model.num_layers must be > 0")
+    _check(m.dtype in DTYPES, f"model.dtype {m.dtype!r} not in {sorted(DTYPES)}")
+    _check(len(m.block_pattern) > 0, "model.block_pattern is empty")
+    known = mixers.mixers()
+    for letter in m.block_pattern:
+        _check(letter in known, f"model.block_pattern {m.block_pattern!r}: unknown letter {letter!r}; "
+               f"known: {', '.join(f'{k}={v.name}' for k, v in sorted(known.items()))}")
+        name = known[letter].name
+        _check(name in m.mixers, f"model.block_pattern uses {letter!r} ({name}) but model.mixers.{name} "
+               f"is missing")
+    att = m.mixers.get("attention")
+    if att is not None and "A" in m.block_pattern:
+        h = att.num_heads
+        kv = att.get("num_kv_heads") or h
+        _check(m.d_model % h == 0 or att.get("head_dim"),
+               f"model.mixers.attention.num_heads={h} does not divide model.d_model={m.d_model}")
+        _check(h % kv == 0, f"model.mixers.attention.num_heads={h} is not divisible by num_kv_heads={kv}")
+        hd = att.get("head_dim") or m.d_model // h
+        _check(hd % 2 == 0, f"attention head_dim={hd} must be even for RoPE")
+        _check(att.window >= 0, f"model.mixers.attention.window must be >= 0, got {att.window}")
+    if "vocab_size" in cfg.data:
+        _check(cfg.data.vocab_size <= m.vocab_size,
+               f"data vocabulary {cfg.data.vocab_size} exceeds model.vocab_size={m.vocab_size}")

@@ -1,0 +1,125 @@
+"""Causal softmax attention: full or sliding-window, grouped-query (GQA), RoPE, packed-sequence masks.
+
+Shapes: b batch, t query time, s key time, h query heads, g kv heads (h % g == 0), r = h // g, k head dim.
+Sliding window ``window = W > 0``: query t sees keys s with ``t - W < s <= t`` (W tokens including itself).
+Decoding keeps a cache of all keys (full) or a ring buffer of the last W keys (sliding window).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sqattn import mixers
+from sqattn.layers import Dense, RMSNorm, apply_rope, positions_from_segments
+from sqattn.parallel.sharding import constrain
+
+_MASK = -1e30  # finite: fully-masked rows give a uniform softmax, never NaN
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, window: int = 0,
+                   q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
+    """Boolean [b, t, s] mask: causal, optional sliding window and same-segment constraint."""
+    ok = k_pos[:, None, :] <= q_pos[:, :, None]
+    if window > 0:
+        ok &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    if q_seg is not None:
+        ok &= q_seg[:, :, None] == k_seg[:, None, :]
+    return ok
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          scale: float | None = None) -> jax.Array:
+    """Reference GQA attention. q [b,t,h,k], k/v [b,s,g,k], mask [b,t,s] -> [b,t,h,k]; f32 softmax."""
+    b, t, h, hd = q.shape
+    g = k.shape[2]
+    scale = hd ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, g, h // g, hd)                                           # [b,t,g,r,k]
+    logits = jnp.einsum("btgrk,bsgk->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None], logits, _MASK)                       # [b,g,r,t,s]
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)                         # [b,t,g,r,k]
+    return out.reshape(b, t, h, hd).astype(q.dtype)
+
+
+@mixers.register("A", "attention", "causal softmax attention (full, or sliding window if window > 0)")
+class Attention(nnx.Module):
+    """Multi-head causal attention with GQA and RoPE.
+
+    Attributes:
+      num_heads: query heads h.  num_kv_heads: kv heads g (h % g == 0; default h).
+      head_dim: per-head width (default d_model // h).  window: 0 = full, W > 0 = sliding window.
+    """
+
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs, dtype=jnp.float32, num_heads: int = 4,
+                 num_kv_heads: int | None = None, head_dim: int | None = None, window: int = 0,
+                 rope_theta: float = 10000.0, qk_norm: bool = False, out_scale: float = 1.0):
+        num_kv_heads = num_kv_heads or num_heads
+        head_dim = head_dim or d_model // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"attention: num_heads={num_heads} not divisible by num_kv_heads={num_kv_heads}")
+        if window < 0:
+            raise ValueError(f"attention: window must be >= 0, got {window}")
+        self.h, self.g, self.hd, self.window, self.theta = num_heads, num_kv_heads, head_dim, window, rope_theta
+        self.q = Dense(d_model, num_heads * head_dim, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
+        self.k = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
+        self.v = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
+        self.o = Dense(num_heads * head_dim, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
+                       init_scale=out_scale)
+        self.q_norm = RMSNorm(head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim) if qk_norm else None
+        self.dtype = dtype
+
+    def _qkv(self, x: jax.Array, pos: jax.Array):
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.h, self.hd)                   # [b,t,h,k]
+        k = self.k(x).reshape(b, t, self.g, self.hd)                   # [b,t,g,k]
+        v = self.v(x).reshape(b, t, self.g, self.hd)                   # [b,t,g,k]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(apply_rope(q, pos, self.theta), ("act_batch", "act_seq", "act_heads", None))
+        k = apply_rope(k, pos, self.theta)
+        return q, k, v
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        b, t, _ = x.shape
+        pos = positions_from_segments(segment_ids, b, t)
+        q, k, v = self._qkv(x, pos)
+        idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = attention_mask(idx, idx, window=self.window, q_seg=segment_ids, k_seg=segment_ids)
+        o = dot_product_attention(q, k, v, mask)                       # [b,t,h,k]
+        return self.o(o.reshape(b, t, self.h * self.hd))
+
+    def extra_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of QK^T and PV (parameter-free), averaged over causal positions."""
+        t = np.arange(1, seq_len + 1)
+        ctx = np.minimum(t, self.window).mean() if self.window > 0 else t.mean()
+        return 4.0 * self.h * self.hd * float(ctx)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+        slots = min(self.window, max_len) if self.window > 0 else max_len
+        return {
+            "k": jnp.zeros((batch, slots, self.g, self.hd), dtype),
+            "v": jnp.zeros((batch, slots, self.g, self.hd), dtype),
+            "slot_pos": jnp.full((slots,), -1, jnp.int32),  # absolute position held by each slot
+            "pos": jnp.zeros((), jnp.int32),                # position of the next token
+        }
+
+    def step(self, x_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        b = x_t.shape[0]
+        pos = cache["pos"]
+        q, k, v = self._qkv(x_t[:, None], jnp.full((b, 1), pos))      # [b,1,h,k], [b,1,g,k]
+        slots = cache["k"].shape[1]
+        slot = pos % slots                                            # full cache: slots >= max_len
+        kc = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), slot, axis=1)
+        vc = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), slot, axis=1)
+        slot_pos = cache["slot_pos"].at[slot].set(pos)
+        q_pos = jnp.full((b, 1), pos)
+        k_pos = jnp.where(slot_pos >= 0, slot_pos, jnp.iinfo(jnp.int32).max)   # empty slots never visible
+        mask = attention_mask(q_pos, jnp.broadcast_to(k_pos, (b, slots)), window=self.window)
+        o = dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask)   # [b,1,h,k]
+        y = self.o(o.reshape(b, 1, self.h * self.hd))[:, 0]
+        return y, {"k": kc, "v": vc, "slot_pos": slot_pos, "pos": pos + 1}

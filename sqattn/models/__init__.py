@@ -1,0 +1,27 @@
+"""Models. ``build(config.model_name, config.model, rngs)`` constructs one from its config section."""
+
+from __future__ import annotations
+
+import importlib
+
+# model_name -> "module:Class"; the class is built as Class(**config.model, rngs=rngs).
+MODELS = {
+    "lm": "sqattn.models.lm:LM",
+}
+
+
+def model_class(name: str):
+    if name not in MODELS:
+        raise ValueError(f"unknown model_name {name!r}; known: {sorted(MODELS)}")
+    mod, cls = MODELS[name].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def build(name: str, model_cfg, rngs):
+    """Builds model ``name`` from its config section; unknown keys fail with the model's TypeError."""
+    cls = model_class(name)
+    kwargs = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    try:
+        return cls(**kwargs, rngs=rngs)
+    except TypeError as e:
+        raise TypeError(f"config.model does not fit {cls.__name__}: {e}") from e

@@ -1,0 +1,139 @@
+"""Decoder-only LM whose layers follow a block pattern of mixer letters.
+
+``block_pattern="SSSSSA"`` repeated to ``num_layers``: each letter picks a mixer from ``sqattn.mixers``
+(A attention, G gla, M mamba, ...), configured by ``mixers[<mixer name>]``. Each block is
+``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` (the MLP is skipped when ``mlp_dim == 0``, Mamba-style).
+
+Returns ``(logits[b,t,V] f32, aux)`` where ``aux`` holds named intermediates for probing and
+``aux["aux_loss"]``, the sum of every auxiliary loss a layer sowed (e.g. SSE partition balance), which the
+LM task adds to the cross-entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sqattn import mixers as mixer_registry
+from sqattn.layers import Embed, RMSNorm, SwiGLU, Dense
+from sqattn.parallel.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def expand_pattern(block_pattern: str, num_layers: int) -> str:
+    """Repeats ``block_pattern`` cyclically to ``num_layers`` letters."""
+    if not block_pattern:
+        raise ValueError("block_pattern must be a non-empty string of mixer letters")
+    return "".join(block_pattern[i % len(block_pattern)] for i in range(num_layers))
+
+
+def as_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class Block(nnx.Module):
+    def __init__(self, letter: str, d_model: int, mlp_dim: int, mixer_cfg: dict, *, rngs: nnx.Rngs,
+                 dtype, norm_eps: float, out_scale: float):
+        spec = mixer_registry.get(letter)
+        self.letter = letter
+        self.norm1 = RMSNorm(d_model, eps=norm_eps)
+        self.mixer = spec.factory(d_model, rngs=rngs, dtype=dtype, **mixer_cfg)
+        self.norm2 = RMSNorm(d_model, eps=norm_eps) if mlp_dim else None
+        self.mlp = SwiGLU(d_model, mlp_dim, rngs=rngs, dtype=dtype, out_scale=out_scale) if mlp_dim else None
+
+    def __call__(self, x, segment_ids=None):
+        x = x + self.mixer(self.norm1(x), segment_ids=segment_ids)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return constrain(x, ("act_batch", "act_seq", "act_embed"))
+
+    def step(self, x_t, cache):
+        y, cache = self.mixer.step(self.norm1(x_t), cache)
+        x_t = x_t + y
+        if self.mlp is not None:
+            x_t = x_t + self.mlp(self.norm2(x_t))
+        return x_t, cache
+
+
+class LM(nnx.Module):
+    """Decoder LM.
+
+    Attributes:
+      vocab_size, d_model, num_layers: sizes.  block_pattern: mixer letters, repeated to num_layers.
+      mlp_dim: SwiGLU hidden width (0 = no MLP).  tie_embeddings: output head = embedding^T.
+      dtype: compute dtype name ("float32" | "bfloat16"); parameters are always float32.
+      mixers: {mixer name: kwargs} for each mixer the pattern uses.  remat: rematerialise each block.
+    """
+
+    def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, block_pattern: str = "A",
+                 mlp_dim: int = 0, tie_embeddings: bool = True, dtype: str = "float32",
+                 mixers: dict[str, dict[str, Any]] | None = None, norm_eps: float = 1e-6,
+                 remat: bool = False, rngs: nnx.Rngs):
+        mixers = dict(mixers or {})
+        self.pattern = expand_pattern(block_pattern, num_layers)
+        self.dtype = as_dtype(dtype)
+        self.remat = remat
+        self.embed = Embed(vocab_size, d_model, rngs=rngs, dtype=self.dtype)
+        out_scale = 1.0 / (2 * num_layers) ** 0.5  # GPT-2 style residual-branch scaling
+        blocks = []
+        for letter in self.pattern:
+            name = mixer_registry.get(letter).name
+            cfg = dict(mixers.get(name, {}))
+            if "out_scale" in _init_args(letter):
+                cfg.setdefault("out_scale", out_scale)
+            blocks.append(Block(letter, d_model, mlp_dim, cfg, rngs=rngs, dtype=self.dtype,
+                                norm_eps=norm_eps, out_scale=out_scale))
+        self.blocks = nnx.List(blocks)
+        self.final_norm = RMSNorm(d_model, eps=norm_eps)
+        self.head = None if tie_embeddings else Dense(d_model, vocab_size, axes=("embed", "vocab"),
+                                                      rngs=rngs, dtype=self.dtype)
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None):
+        x = self.embed(tokens)                                           # [b,t,d]
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        for block in self.blocks:
+            if self.remat:
+                x = nnx.remat(lambda blk, h: blk(h, segment_ids))(block, x)
+            else:
+                x = block(x, segment_ids)
+        logits = self._logits(self.final_norm(x))                       # [b,t,V] f32
+        aux = {"aux_loss": _collect_aux_losses(self), "final_hidden": x}
+        return constrain(logits, ("act_batch", "act_seq", "act_vocab")), aux
+
+    def _logits(self, h):
+        if self.head is None:
+            return self.embed.attend(h)
+        return self.head(h).astype(jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list:
+        return [blk.mixer.init_cache(batch, max_len, dtype) for blk in self.blocks]
+
+    def step(self, token_t: jax.Array, cache: list):
+        """One decoding step: token_t [b] int -> (logits [b,V] f32, cache)."""
+        x = self.embed(token_t)                                          # [b,d]
+        new_cache = []
+        for blk, c in zip(self.blocks, cache):
+            x, c = blk.step(x, c)
+            new_cache.append(c)
+        return self._logits(self.final_norm(x)), new_cache
+
+
+def _init_args(letter: str) -> tuple[str, ...]:
+    import inspect
+    return tuple(inspect.signature(mixer_registry.get(letter).factory.__init__).parameters)
+
+
+def _collect_aux_losses(model: nnx.Module) -> jax.Array:
+    """Pops every ``aux_loss`` a submodule sowed (``self.sow(nnx.Intermediate, "aux_loss", v)``) and sums them."""
+    total = jnp.zeros((), jnp.float32)
+    sown = nnx.pop(model, nnx.Intermediate)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(sown)):
+        if any(getattr(p, "key", None) == "aux_loss" for p in path):
+            total = total + jnp.sum(leaf).astype(jnp.float32)
+    return total

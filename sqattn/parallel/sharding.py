@@ -1,0 +1,162 @@
+"""Mesh construction and the one logical-axis rules table.
+
+Parameters carry logical axis names in their ``axes`` metadata (see ``sqattn.layers.param``); activations are
+constrained with ``constrain(x, ("act_batch", "act_seq", "act_embed"))``. Weights and activations use different
+names so each can be resharded on its own (MaxText). One table maps names to mesh axes; a config can swap the
+whole table by name (``config.mesh.rules``).
+
+Mesh axes (size 1 when unused):
+  data    pure data parallelism (params replicated)
+  fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
+  tensor  tensor (model) parallelism over heads / MLP hidden / vocab
+  expert  expert parallelism for MoE layers
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# name -> mesh axis (or tuple of axes, or None = replicated).
+LOGICAL_AXIS_RULES: dict[str, dict[str, Any]] = {
+    "default": {
+        # --- weights: embedding / vocab
+        "vocab": "tensor",
+        "embed": "fsdp",
+        # --- weights: attention and recurrent mixers
+        "heads": "tensor",          # fused (heads * head_dim) projection axis
+        "kv_heads": "tensor",
+        "head_dim": None,
+        "state": None,              # recurrent state / SSM size
+        "conv": None,               # short-conv taps
+        "lowrank": None,
+        # --- weights: MLP and MoE
+        "mlp": "tensor",
+        "exp": "expert",
+        "norm": None,
+        # --- activations
+        "act_batch": ("data", "fsdp"),
+        "act_seq": None,
+        "act_embed": None,
+        "act_heads": "tensor",
+        "act_mlp": "tensor",
+        "act_vocab": "tensor",
+    },
+}
+# Pure data parallel: every weight replicated, batch over all axes that exist.
+LOGICAL_AXIS_RULES["dp"] = {k: (("data", "fsdp") if k == "act_batch" else None)
+                            for k in LOGICAL_AXIS_RULES["default"]}
+
+
+def mesh_rules(name: str) -> dict[str, Any]:
+    if name not in LOGICAL_AXIS_RULES:
+        raise ValueError(f"unknown sharding rules {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}")
+    return LOGICAL_AXIS_RULES[name]
+
+
+def mesh_shape(mesh_cfg) -> dict[str, int]:
+    """Axis sizes from ``config.mesh`` (``-1`` in one axis means "all remaining devices")."""
+    sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+    n = jax.device_count()
+    auto = [a for a, s in sizes.items() if s == -1]
+    if len(auto) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {auto}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if any(s == 0 or s < -1 for s in sizes.values()):
+        raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {sizes}")
+    if auto:
+        if n % fixed:
+            raise ValueError(f"config.mesh: {n} devices are not divisible by the fixed axes {sizes}")
+        sizes[auto[0]] = n // fixed
+    total = math.prod(sizes.values())
+    if total > n:
+        raise ValueError(f"config.mesh {sizes} needs {total} devices but only {n} are present "
+                         f"({jax.default_backend()}); shrink the mesh or set one axis to -1")
+    return sizes
+
+
+def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
+    """Builds the device mesh described by ``config.mesh`` over the first prod(sizes) devices."""
+    sizes = mesh_shape(mesh_cfg)
+    total = math.prod(sizes.values())
+    devices = np.asarray(jax.devices()[:total]).reshape(tuple(sizes[a] for a in MESH_AXES))
+    return jax.sharding.Mesh(devices, MESH_AXES)
+
+
+def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: jax.sharding.Mesh,
+             rules: dict[str, Any]) -> P:
+    """PartitionSpec for an array with logical ``axes``.
+
+    A mesh axis is used at most once per array and only where it divides the dimension; otherwise that
+    dimension stays replicated (e.g. 2 kv-heads on a tensor axis of 4).
+    """
+    if axes is None:
+        return P()
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(axes, shape):
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
+        target = rules.get(name) if name is not None else None
+        cand = (target,) if isinstance(target, str) else tuple(target or ())
+        chosen = []
+        size = 1
+        for ax in cand:
+            if ax in used or mesh.shape.get(ax, 1) == 1:
+                continue
+            if dim % (size * mesh.shape[ax]) == 0:
+                chosen.append(ax)
+                size *= mesh.shape[ax]
+        used.update(chosen)
+        out.append(None if not chosen else (chosen[0] if len(chosen) == 1 else tuple(chosen)))
+    return P(*out)
+
+
+def param_shardings(abstract_state, mesh, rules):
+    """NamedShardings for an (abstract) ``nnx.State`` of Params, as a pure dict tree."""
+    def one(var):
+        axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
+        return NamedSharding(mesh, spec_for(axes, var.value.shape, mesh, rules))
+    tree = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+
+# ---- activation constraints: active only inside `activation_sharding(mesh, rules)`.
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules):
+    prev = getattr(_ACTIVE, "ctx", None)
+    _ACTIVE.ctx = (mesh, rules)
+    try:
+        yield
+    finally:
+        _ACTIVE.ctx = prev
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """``with_sharding_constraint`` by logical names; a no-op outside ``activation_sharding``."""
+    ctx = getattr(_ACTIVE, "ctx", None)
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    if math.prod(mesh.shape.values()) == 1:
+        return x
+    spec = spec_for(axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,27 @@
+"""AdamW with linear warmup + cosine decay and global-norm clipping."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def lr_schedule(o, num_steps: int) -> optax.Schedule:
+    warmup = max(int(o.warmup_steps), 0)
+    decay = max(num_steps - warmup, 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.lr, warmup_steps=warmup, decay_steps=warmup + decay,
+        end_value=o.lr * o.min_lr_ratio)
+
+
+def decay_mask(params):
+    """Weight decay on matrices only (not norms, biases, per-channel vectors)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(o, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = lr_schedule(o, num_steps)
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts), schedule

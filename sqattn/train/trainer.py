@@ -1,0 +1,318 @@
+"""``train_and_evaluate(config, workdir)``: the one trainer, generic over tasks.
+
+Sections: setup (mesh, task, data) -> state (init or resume) -> compiled steps -> loop (log, eval,
+checkpoint, SIGTERM) -> final eval, plot. Every step's data and randomness are functions of (seed, step), so
+an interrupted run resumed from its checkpoint reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sqattn.configs.validate import validate
+from sqattn.parallel import sharding
+from sqattn.train import checkpoint as ckpt_lib
+from sqattn.train import flops as flops_lib
+from sqattn.train import metrics as metrics_lib
+from sqattn.train import state as state_lib
+from sqattn.train import tasks as tasks_lib
+
+log = logging.getLogger("sqattn.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss; the last good checkpoint is untouched."""
+
+
+class MemoryBudgetError(MemoryError):
+    """The configured model does not fit the devices present."""
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def make_train_step(graphdef, task, tx, schedule, grad_accum: int, seed: int):
+    def loss_of(params, batch, rng):
+        model = nnx.merge(graphdef, params)
+        loss, metrics = task.loss_fn(model, batch, rng)
+        w = metrics["weight"]
+        return loss * w, metrics     # sum-form so micro-batches average exactly by weight
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        params = state["params"]
+        if grad_accum == 1:
+            (lsum, metrics), grads = grad_fn(params, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)   # [A, b/A, ...]
+
+            def body(carry, xs):
+                mb, i = xs
+                (l, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                acc_g, acc_l, acc_m = carry
+                wm = {k: v * m["weight"] if k != "weight" else v for k, v in m.items()}
+                return (jax.tree.map(jnp.add, acc_g, g), acc_l + l,
+                        jax.tree.map(jnp.add, acc_m, wm)), None
+
+            zeros_m = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+            init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_m))
+            (grads, lsum, msum), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
+            metrics = {k: v / jnp.maximum(msum["weight"], 1.0) if k != "weight" else v for k, v in msum.items()}
+        weight = jnp.maximum(metrics["weight"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        loss = lsum / weight
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = jax.tree.map(lambda p, u: p + u, params, updates)
+        out = dict(metrics, loss=loss, grad_norm=_global_norm(grads), lr=schedule(state["step"]))
+        return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, out
+
+    return train_step
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_eval_step(graphdef, task):
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params)
+        _, m = task.loss_fn(model, batch, jax.random.key(0))
+        w = m["weight"]
+        return {k: (v * w if k != "weight" else v) for k, v in m.items()}
+    return eval_step
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _device_memory_budget() -> tuple[int, str]:
+    """Bytes one device may hold, and a description of where the number comes from."""
+    dev = jax.local_devices()[0]
+    stats = None
+    try:
+        stats = dev.memory_stats()
+    except Exception:  # noqa: BLE001 - not available on every backend
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{dev.device_kind} bytes_limit"
+    import psutil
+    total = psutil.virtual_memory().total
+    n = jax.local_device_count()
+    return total // n, f"host RAM {total / 2**30:.1f} GiB shared by {n} local {dev.platform} device(s)"
+
+
+def check_memory(setup: state_lib.Setup, config) -> int:
+    """Fails at once, with numbers, when params + optimizer state + grads cannot fit one device."""
+    need = state_lib.per_device_bytes(setup.abstract_state, setup.state_shardings)
+    need += state_lib.per_device_bytes(setup.abstract_state["params"], setup.state_shardings["params"])  # grads
+    budget, where = _device_memory_budget()
+    if need > budget:
+        raise MemoryBudgetError(
+            f"config {config.name!r} needs {need / 2**30:.2f} GiB per device for params, optimizer state and "
+            f"gradients alone (mesh {dict(setup.mesh.shape)}), but this machine has {budget / 2**30:.2f} GiB per "
+            f"device ({where}). Use more devices (config.mesh.*), a smaller model, or --dry_run to inspect it.")
+    return need
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks: save, then exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def __enter__(self):
+        try:
+            self._prev = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread (e.g. a notebook worker): no handler
+            self._prev = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+        return False
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
+                       progress: bool = True) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns final metrics.
+
+    Args:
+      config: a config from ``sqattn.configs.get`` (validated here before anything compiles).
+      workdir: output directory: ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``loss.png``, ``config.json``.
+      stop_after: simulate preemption after this step (as if SIGTERM arrived): save and return.
+      progress: show a progress bar with loss, tokens/s and MFU.
+
+    Returns:
+      The last train record merged with the last eval record, plus ``"stopped_early"``.
+    """
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    config_json = json.loads(config.to_json_best_effort())
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2, sort_keys=True)
+    log.info("config:\n%s", config)
+
+    # --- mesh, task, data
+    setup = state_lib.make_setup(config)
+    check_memory(setup, config)
+    task = tasks_lib.get_task(config.task)
+    train_ds, eval_ds = task.make_datasets(config, shard_index=jax.process_index(),
+                                           shard_count=jax.process_count())
+    vocab = getattr(config.model, "vocab_size", None)
+    if vocab is not None and train_ds.vocab_size > vocab:
+        raise ValueError(f"data {config.data.name!r} has vocab_size {train_ds.vocab_size} but "
+                         f"model.vocab_size={vocab}; raise --config.model.vocab_size")
+    batch_sharding = NamedSharding(setup.mesh, P(("data", "fsdp")))
+
+    def to_global(np_batch):
+        return {k: jax.make_array_from_process_local_data(
+            NamedSharding(setup.mesh, P(("data", "fsdp"), *([None] * (v.ndim - 1)))), v)
+            for k, v in np_batch.items()}
+
+    # --- state: resume or init
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state = checkpointer.restore(latest, setup.abstract_state, setup.state_shardings, config_json)
+        log.info("resumed from %s/%d", checkpointer.directory, latest)
+        if is_main:
+            metrics_lib.truncate_after(workdir, latest)
+    else:
+        state = state_lib.init_state(config, setup)
+    start = int(state["step"])
+
+    # --- compiled steps
+    with sharding.activation_sharding(setup.mesh, setup.rules):
+        train_step = jax.jit(
+            make_train_step(setup.graphdef, task, setup.tx, setup.schedule, config.optim.grad_accum, config.seed),
+            in_shardings=(setup.state_shardings, None), out_shardings=(setup.state_shardings, None),
+            donate_argnums=(0,))
+        eval_step = jax.jit(make_eval_step(setup.graphdef, task),
+                            in_shardings=(setup.state_shardings["params"], None))
+
+    model_view = nnx.merge(setup.graphdef, setup.abstract_params)
+    seq_len = int(getattr(train_ds, "seq_len", 1))
+    fpt = state_lib.flops_per_token(model_view, setup.abstract_params, seq_len)
+    peak = flops_lib.measured_peak_flops() * jax.device_count()
+    tokens_per_step = config.batch_size * seq_len
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    meta = {"config": config_json}
+
+    def evaluate(step: int, params) -> dict:
+        sums = None
+        with sharding.activation_sharding(setup.mesh, setup.rules):
+            for i in range(config.eval_batches):
+                out = eval_step(params, to_global(eval_ds.batch(i)))
+                sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        rec = dict(task.eval_metrics(jax.device_get(sums)), step=step)
+        writer.write(rec)
+        return rec
+
+    def save(step: int, st) -> None:
+        checkpointer.save(step, st, meta)
+        log.info("checkpoint %s/%d", checkpointer.directory, step)
+
+    last_train: dict = {}
+    last_eval: dict = {}
+    stopped_early = False
+    bar = _progress(config.num_steps, start, progress and is_main)
+    pending = None   # (step, metrics) of the previous step, fetched one step late to keep the device busy
+    t_last, steps_since = time.perf_counter(), 0
+    try:
+        with _Preemption() as preempt, sharding.activation_sharding(setup.mesh, setup.rules):
+            step = start
+            while step < config.num_steps:
+                batch = to_global(train_ds.batch(step))
+                state, m = train_step(state, batch)
+                step += 1
+                steps_since += 1
+                if pending is not None:
+                    last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
+                                                t_last, steps_since) or last_train
+                pending = (step, m)
+                needs_sync = (step % config.checkpoint_every == 0 or step == config.num_steps
+                              or (config.eval_every and step % config.eval_every == 0)
+                              or preempt.requested or step == stop_after)
+                if needs_sync:
+                    last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
+                                                t_last, steps_since, force=True) or last_train
+                    pending = None
+                    t_last, steps_since = time.perf_counter(), 0
+                if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+                    last_eval = evaluate(step, state["params"])
+                    if bar is not None:
+                        bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()
+                                                             if k != "step"))
+                if step % config.checkpoint_every == 0 or step == config.num_steps:
+                    save(step, state)
+                if preempt.requested or step == stop_after:
+                    if step % config.checkpoint_every and step != config.num_steps:
+                        save(step, state)
+                    stopped_early = step < config.num_steps
+                    break
+            if pending is not None:
+                last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
+                                            t_last, steps_since, force=True) or last_train
+        if not stopped_early:
+            last_eval = evaluate(int(state["step"]), state["params"])
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        checkpointer.close()
+    plot = metrics_lib.plot_losses(workdir) if is_main else None
+    result = {**last_train, **last_eval, "stopped_early": stopped_early, "step": int(state["step"]),
+              "checkpoints": checkpointer.directory, "metrics": writer.path, "plot": plot}
+    return result
+
+
+def _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step, t_last, steps_since, force=False):
+    step, m = pending
+    m = jax.device_get(m)
+    loss = float(m["loss"])
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"non-finite loss {loss} at step {step}; stopping. The last good checkpoint was kept "
+            f"(none written after the loss went bad). Lower optim.lr or check the data.")
+    rec = None
+    dt = max(time.perf_counter() - t_last, 1e-9)
+    tok_s = tokens_per_step * steps_since / dt
+    mfu = fpt * tok_s / peak if peak else 0.0
+    if step % config.log_every == 0 or force:
+        rec = {"step": step, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0},
+               "tokens_per_s": tok_s, "mfu": mfu}
+        rec.pop("weight", None)
+        if step % config.log_every == 0 or step == config.num_steps:
+            writer.write(rec)
+    if bar is not None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+        bar.refresh()
+    return rec
