@@ -46,3 +46,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = mesh_config()
     c.kernel_impl = "auto"       # default impl for ops ("auto", "ref", "chunked", "interpret", "pallas")
     return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> None:
+    """The ``runlocal`` variant of any config: a few small steps, for smoke tests on a laptop or CI.
+
+    Families shrink their model on top of this (e.g. fewer layers), keeping its structure.
+    """
+    c.batch_size = 8
+    c.num_steps = 4
+    c.log_every = 1
+    c.eval_every = 0
+    c.eval_batches = 1
+    c.checkpoint_every = 2
+    c.optim.warmup_steps = 1
+    if "seq_len" in c.get("data", {}):
+        c.data.seq_len = min(c.data.seq_len, 64)

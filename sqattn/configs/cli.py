@@ -40,6 +40,8 @@ def split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], 
 
 def _convert(key: str, old, raw: str):
     if isinstance(old, str) or old is None and not _looks_literal(raw):
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":  # a quoted string: strip the quotes
+            return ast.literal_eval(raw)
         return raw
     if isinstance(old, bool):
         low = raw.lower()

@@ -52,18 +52,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif a.mixer != "attention":
         raise ValueError(f"lm configs: unknown mixer {a.mixer!r}; expected attention|swa")
     if a.runlocal:
-        shrink(c)
+        base.runlocal(c)
+        c.model.update(d_model=64, num_layers=2, mlp_dim=128)
     return c
-
-
-def shrink(c: ml_collections.ConfigDict) -> None:
-    """The ``runlocal`` variant: a few small steps, for smoke tests of any config."""
-    c.batch_size = 4
-    c.num_steps = 4
-    c.log_every = 1
-    c.eval_every = 4
-    c.eval_batches = 1
-    c.checkpoint_every = 2
-    c.optim.warmup_steps = 1
-    if "seq_len" in c.data:
-        c.data.seq_len = min(c.data.seq_len, 64)

@@ -74,6 +74,9 @@ def mesh_shape(mesh_cfg) -> dict[str, int]:
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if any(s == 0 or s < -1 for s in sizes.values()):
         raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {sizes}")
+    if fixed > n:
+        raise ValueError(f"config.mesh {sizes} needs {fixed} devices but only {n} are present "
+                         f"({jax.default_backend()}); shrink the mesh or set one axis to -1")
     if auto:
         if n % fixed:
             raise ValueError(f"config.mesh: {n} devices are not divisible by the fixed axes {sizes}")

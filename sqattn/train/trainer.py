@@ -76,7 +76,9 @@ def make_train_step(graphdef, task, tx, schedule, grad_accum: int, seed: int):
         loss = lsum / weight
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = jax.tree.map(lambda p, u: p + u, params, updates)
-        out = dict(metrics, loss=loss, grad_norm=_global_norm(grads), lr=schedule(state["step"]))
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
+        out = dict(metrics, loss=loss, grad_norm=_global_norm(grads), lr=schedule(state["step"]),
+                   params_finite=finite.astype(jnp.float32))
         return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, out
 
     return train_step
@@ -297,10 +299,11 @@ def _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step, t_l
     step, m = pending
     m = jax.device_get(m)
     loss = float(m["loss"])
-    if not math.isfinite(loss):
+    if not math.isfinite(loss) or not m["params_finite"]:
+        what = f"loss {loss}" if not math.isfinite(loss) else "parameters (after the update)"
         raise NonFiniteLossError(
-            f"non-finite loss {loss} at step {step}; stopping. The last good checkpoint was kept "
-            f"(none written after the loss went bad). Lower optim.lr or check the data.")
+            f"non-finite {what} at step {step}; stopping. The last good checkpoint was kept "
+            f"(none is written after training goes bad). Lower optim.lr or check the data.")
     rec = None
     dt = max(time.perf_counter() - t_last, 1e-9)
     tok_s = tokens_per_step * steps_since / dt
@@ -309,6 +312,7 @@ def _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step, t_l
         rec = {"step": step, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0},
                "tokens_per_s": tok_s, "mfu": mfu}
         rec.pop("weight", None)
+        rec.pop("params_finite", None)
         if step % config.log_every == 0 or step == config.num_steps:
             writer.write(rec)
     if bar is not None:

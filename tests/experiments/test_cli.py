@@ -1,0 +1,56 @@
+"""The experiments.train binary as a user runs it: errors, dry run, SIGTERM handling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(*args, timeout=240):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_config_exits_with_message():
+    r = _run("--config=nope")
+    assert r.returncode != 0
+    assert "unknown config 'nope'; known configs:" in r.stderr
+
+
+def test_bad_override_exits_with_message():
+    r = _run("--config=lm_tiny", "--config.model.nope=1")
+    assert r.returncode != 0 and "unknown key 'nope' under model" in r.stderr
+
+
+def test_dry_run_last_line_is_json():
+    r = _run("--config=lm_tiny", "--dry_run")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"params", "bytes_per_device", "flops_per_token"} <= set(rep)
+
+
+def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
+    wd = str(tmp_path)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", "--config=lm_tiny:runlocal", "--config.num_steps=100000",
+         "--config.checkpoint_every=100000", f"--workdir={wd}", "--noprogress"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 180
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    steps = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 1
+    assert '"stopped_early": true' in out
