@@ -2,7 +2,10 @@
 
 Command (default main job; 2 CPU cores, ~2-3 minutes, eval bits/byte falls from 8 to about 2.5):
   python -m experiments.train --config=lm_tiny --workdir=/tmp/lm_tiny
-Args: ``mixer=attention|swa``, ``size=tiny|small``, ``runlocal`` (a few steps, for smoke tests).
+Args: ``mixer=attention|swa``, ``size=tiny|small``, ``data=text|tfds``, ``runlocal`` (a few steps, for smoke
+tests). A prepared TFDS text dataset instead of local text:
+  python -m experiments.train --config=lm_tiny:data=tfds --config.data.tfds_name=lm1b \
+      --config.data.tfds_data_dir=/data/tfds
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ SIZES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, mixer="attention", size="tiny", runlocal=False)
+    a = parse_arg(arg, mixer="attention", size="tiny", data="text", runlocal=False)
     if a.size not in SIZES:
         raise ValueError(f"unknown size {a.size!r}; known: {sorted(SIZES)}")
     d, layers, heads, kv_heads, mlp = SIZES[a.size]
     c = base.base_config()
-    c.data = data.default_config("text")
+    if a.data not in ("text", "tfds"):
+        raise ValueError(f"lm configs: data must be text|tfds, got {a.data!r}")
+    c.data = data.default_config(a.data)
     c.data.seq_len = 128
     c.batch_size = 16
     c.num_steps = 600
