@@ -22,8 +22,10 @@ Implementations (``impl``, resolved by ``kernels.dispatch.resolve_impl``):
 * ``"chunked"``: pure-jnp chunked parallel form (``ref.gla_chunked``); what ``"auto"`` runs on CPU.
 * ``"pallas"`` / ``"interpret"``: the Pallas forward kernel (``pallas.gla_fwd``) compiled, or run
   by the Pallas interpreter; its backward is ``jax.vjp`` of ``ref.gla_chunked`` inside a
-  ``jax.custom_vjp`` (``jax.grad`` through a raw ``pallas_call`` fails). ``"auto"`` picks it on
-  GPU/TPU.
+  ``jax.custom_vjp`` (``jax.grad`` through a raw ``pallas_call`` fails), which recomputes the
+  chunked forward from the saved inputs. ``"auto"`` picks it on GPU/TPU.
+
+``"ref"`` and ``"chunked"`` are differentiated by plain autodiff.
 
 Example (runs on CPU)::
 
@@ -37,7 +39,7 @@ Example (runs on CPU)::
     v = jax.random.normal(rng[2], (B, T, H, V), jnp.bfloat16)
     g = jax.nn.log_sigmoid(jax.random.normal(rng[3], (B, T, H, K))) / 16  # GLA gate, f32
     o, state = gla(q, k, v, g, return_final_state=True)       # o: [B, T, H, V] bf16
-    # state: [B, H, K, V] f32. Continue decoding token by token from it:
+    # state: [B, H, K, V] f32. Decode the next token from it (here the last token is reused):
     o_t, state = gla_step(q[:, -1], k[:, -1], v[:, -1], g[:, -1], state)  # o_t: [B, H, V]
     # Two documents packed in each row: the state resets at t = 60.
     seg = jnp.concatenate([jnp.zeros((B, 60), jnp.int32), jnp.ones((B, 40), jnp.int32)], 1)
@@ -93,19 +95,22 @@ def _validate(q, k, v, g, initial_state, segment_ids, chunk_size) -> None:
         raise ValueError(f"gla: chunk_size must be a positive int, got {chunk_size!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _gla_pallas(q, k, v, g, initial_state, doc, scale, chunk_size, block_sizes, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _gla_pallas(q, k, v, g, initial_state, doc, scale, chunk_size, block_sizes, interpret,
+                platform):
     return pallas.gla_fwd(q, k, v, g, initial_state, doc, scale=scale, chunk_size=chunk_size,
-                          block_sizes=block_sizes, interpret=interpret)
+                          block_sizes=block_sizes, interpret=interpret, platform=platform)
 
 
-def _gla_pallas_fwd(q, k, v, g, initial_state, doc, scale, chunk_size, block_sizes, interpret):
-    out = _gla_pallas(q, k, v, g, initial_state, doc, scale, chunk_size, block_sizes, interpret)
+def _gla_pallas_fwd(q, k, v, g, initial_state, doc, scale, chunk_size, block_sizes, interpret,
+                    platform):
+    out = _gla_pallas(q, k, v, g, initial_state, doc, scale, chunk_size, block_sizes, interpret,
+                      platform)
     return out, (q, k, v, g, initial_state, doc)
 
 
-def _gla_pallas_bwd(scale, chunk_size, block_sizes, interpret, residuals, cotangents):
-    del block_sizes, interpret
+def _gla_pallas_bwd(scale, chunk_size, block_sizes, interpret, platform, residuals, cotangents):
+    del block_sizes, interpret, platform
     q, k, v, g, initial_state, doc = residuals
 
     def chunked(q, k, v, g, initial_state):
@@ -133,7 +138,8 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
       v: ``[B, T, H, V]`` values.
       g: ``[B, T, H, K]`` per-key log-decay, or ``[B, T, H]`` scalar log-decay per head; values
         must be <= 0 (e.g. ``logsigmoid(x) / 16``). float32 recommended.
-      scale: output scale; defaults to ``K ** -0.5``.
+      scale: output scale, a Python float (static for the Pallas kernel); defaults to
+        ``K ** -0.5``.
       initial_state: ``[B, H, K, V]`` state before position 0 (cast to float32); ``None`` means
         zeros. With ``segment_ids`` it applies only to the first segment of each row.
       return_final_state: also return the state after the last position.
@@ -164,15 +170,18 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
         o, final_state = ref.gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state,
                                          segment_ids=segment_ids, chunk_size=chunk_size)
     else:
+        platform = dispatch.target_platform(target)
+        if resolved == "pallas" and platform == "gpu" and chunk_size % 16:
+            raise ValueError(f"gla: chunk_size must be a multiple of 16 for the GPU kernel, "
+                             f"got {chunk_size}")
         if block_sizes is None:
-            block_sizes = pallas.BlockSizes.get_default(
-                v.shape[-1], dispatch.target_platform(target))
+            block_sizes = pallas.BlockSizes.get_default(v.shape[-1], platform)
         if initial_state is None:
             initial_state = jnp.zeros((batch, heads, k_dim, v.shape[-1]), jnp.float32)
         o, final_state = _gla_pallas(
             q, k, v, ref.expand_decay(g, q), initial_state.astype(jnp.float32),
             ref.document_index(segment_ids, batch, length), float(scale), chunk_size,
-            block_sizes, resolved == "interpret")
+            block_sizes, resolved == "interpret", platform)
     return o, (final_state if return_final_state else None)
 
 

@@ -7,8 +7,8 @@ chunk the math is exactly ``ref.gla_chunked`` (same references for the decays, s
 for packed sequences), expressed with 2-D tiles only:
 
 * sub-chunk ``I`` against the chunk-start state: ``(q_I * exp(G_I)) @ S``;
-* sub-chunk ``I`` against an earlier sub-chunk ``J``:
-  ``(q_I exp(G_I - G_eJ)) @ (k_J exp(G_eJ - G_J))^T @ v_J``;
+* sub-chunk ``I`` against an earlier sub-chunk ``J``, referenced at the row ``r`` before ``I``:
+  ``(q_I exp(G_I - G_r)) @ (k_J exp(G_r - G_J))^T @ v_J``;
 * inside sub-chunk ``I``: a loop over its ``c`` columns ``j`` adding
   ``sum_k(q_I * k_j * exp(min(G_I - G_j, 0))) * v_j`` (rank-1 updates, no ``[c, c, K]`` tensor);
 * state update: ``S <- exp(G_last) * S + sum_I (k_I exp(G_last - G_I))^T @ v_I``.
@@ -92,7 +92,7 @@ def _gla_fwd_kernel(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref,  #
     k_pad = q_ref.shape[-1]
     n_sub = chunk // sub
     precision = jax.lax.Precision.HIGHEST if mm_dtype == f32 else None
-    rows = jax.lax.broadcasted_iota(jnp.int32, (sub, 1), 0)  # [c, 1]
+    rows = jnp.arange(sub, dtype=jnp.int32)[:, None]  # [c, 1]
 
     def dot(a, b, contract):
         return jax.lax.dot_general(a.astype(mm_dtype), b.astype(mm_dtype), (contract, ((), ())),
@@ -120,17 +120,17 @@ def _gla_fwd_kernel(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref,  #
             q_in = jnp.where(doc_i == doc_prev, q_i * jnp.exp(cum_i), 0.0)  # [c, K]
             o_i = dot(q_in, state, ((1,), (0,)))  # [c, bv]
 
-            # Against earlier sub-chunks of this chunk, referenced at the end of sub-chunk J.
+            # Against earlier sub-chunks of this chunk, referenced at r = the row before I.
+            if i_sub > 0:
+                cum_r = rows_of(cum_ref, s_i - 1, 1)  # [1, K]
+                doc_r = rows_of(doc_ref, s_i - 1, 1)  # [1, 1]
+                q_off = jnp.where(doc_i == doc_r, q_i * jnp.exp(cum_i - cum_r), 0.0)  # [c, K]
             for j_sub in range(i_sub):
                 s_j = base + j_sub * sub
-                end_j = s_j + sub - 1
-                cum_e = rows_of(cum_ref, end_j, 1)  # [1, K]
-                doc_e = rows_of(doc_ref, end_j, 1)  # [1, 1]
                 cum_j = rows_of(cum_ref, s_j, sub)  # [c, K]
                 doc_j = rows_of(doc_ref, s_j, sub)  # [c, 1]
-                q_off = jnp.where(doc_i == doc_e, q_i * jnp.exp(cum_i - cum_e), 0.0)  # [c, K]
-                k_off = jnp.where(doc_j == doc_e,
-                                  rows_of(k_ref, s_j, sub).astype(f32) * jnp.exp(cum_e - cum_j),
+                k_off = jnp.where(doc_j == doc_r,
+                                  rows_of(k_ref, s_j, sub).astype(f32) * jnp.exp(cum_r - cum_j),
                                   0.0)  # [c, K]
                 scores = dot(q_off, k_off, ((1,), (1,)))  # [c, c]
                 o_i = o_i + dot(scores, rows_of(v_ref, s_j, sub), ((1,), (0,)))  # [c, bv]
@@ -158,10 +158,20 @@ def _gla_fwd_kernel(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref,  #
     ht_ref[...] = jax.lax.fori_loop(0, num_chunks, chunk_body, h0_ref[...].astype(f32))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "block_sizes", "interpret"))
+def _compiler_params(platform: str, interpret: bool):
+    """Triton parameters on GPU: this kernel is written for the Triton lowering, and passing them
+    selects it over Mosaic GPU (the default ``pallas_call`` GPU backend in recent JAX)."""
+    if interpret or platform != "gpu":
+        return None
+    from jax.experimental.pallas import triton as pltriton  # GPU-only import
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "block_sizes", "interpret",
+                                             "platform"))
 def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_state: jax.Array,
             doc: jax.Array, *, scale: float, chunk_size: int, block_sizes: BlockSizes,
-            interpret: bool) -> tuple[jax.Array, jax.Array]:
+            interpret: bool, platform: str = "gpu") -> tuple[jax.Array, jax.Array]:
     """Runs the forward kernel.
 
     Args:
@@ -176,6 +186,8 @@ def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
         which case the chunk is one sub-chunk).
       block_sizes: tiles.
       interpret: run the Pallas interpreter (CPU).
+      platform: compile target, ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic); unused when
+        interpreting.
 
     Returns:
       ``(o, final_state)``: ``[B, T, H, V]`` in ``q.dtype``, ``[B, H, K, V]`` float32.
@@ -232,6 +244,7 @@ def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
             jax.ShapeDtypeStruct((batch, heads, k_pad, v_pad), jnp.float32),
         ],
         interpret=interpret,
+        compiler_params=_compiler_params(platform, interpret),
         name="gla_fwd",
     )(q_t, k_t, v_t, cum_t, doc[:, :, None], carry, h0)
     o = jnp.transpose(o, (0, 2, 1, 3))[:, :length, :, :v_dim]  # [B, T, H, V]

@@ -22,8 +22,9 @@ reference point of every chunk is its start). The decay from position ``j`` to `
 ``exp(G_i - G_j)``; factoring it as ``exp(G_i) * exp(-G_j)`` overflows for strong decays
 (``g = -20`` per step gives ``G = -1280`` after 64 steps). So no exponent is ever positive:
 
-* query/key pairs in different sub-chunks ``I > J`` use the last position ``e_J`` of sub-chunk ``J``
-  as the reference: ``q_i exp(G_i - G_{e_J})`` and ``k_j exp(G_{e_J} - G_j)``, both factors <= 1;
+* a query in sub-chunk ``I`` and a key in an earlier sub-chunk use the last position ``r`` before
+  sub-chunk ``I`` as the reference: ``q_i exp(G_i - G_r)`` and ``k_j exp(G_r - G_j)``, both
+  factors <= 1 because ``j <= r < i``;
 * pairs inside one sub-chunk form a ``[c, c, K]`` tensor ``exp(min(G_i - G_j, 0))`` directly;
 * chunk-to-chunk terms use ``q_i exp(G_i)``, ``k_j exp(G_last - G_j)`` and ``exp(G_last)``.
 
@@ -38,7 +39,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["document_index", "expand_decay", "gla_chunked", "gla_recurrent", "gla_step"]
+__all__ = ["document_index", "expand_decay", "gla_chunked", "gla_recurrent", "gla_step", "pad_time",
+           "sub_chunk_size"]
 
 # Sub-chunk size of the chunked form: pairs inside one sub-chunk cost a [c, c, K] tensor.
 SUB_CHUNK = 16
@@ -210,7 +212,7 @@ def gla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale
     cum = jnp.cumsum(g_c, axis=3)  # [B, H, N, C, K]  inclusive, relative to the chunk start
     doc_c = doc.reshape(batch, 1, num_chunks, chunk)  # [B, 1, N, C]
 
-    # ---- intra-chunk, same sub-chunk: direct [c, c, K] decays -------------------------------------
+    # ---- intra-chunk, same sub-chunk: direct [c, c, K] decays ------------------------------------
     sub_shape = (batch, heads, num_chunks, n_sub, sub)
     q_s = q_c.reshape(sub_shape + (k_dim,))  # [B, H, N, n, c, K]
     k_s = k_c.reshape(sub_shape + (k_dim,))  # [B, H, N, n, c, K]
@@ -226,24 +228,26 @@ def gla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale
     a_diag = jnp.where(diag_mask, a_diag, 0.0)
     o_intra = jnp.einsum("...ij,...jv->...iv", a_diag, v_s, precision=hi)  # [B, H, N, n, c, V]
 
-    # ---- intra-chunk, sub-chunk I after sub-chunk J: reference = last position of J ---------------
+    # ---- intra-chunk, sub-chunk I against earlier sub-chunks: reference = last row before I ----
     if n_sub > 1:
-        cum_end = cum_s[..., -1, :]  # [B, H, N, n, K]
-        doc_end = doc_s[..., -1]  # [B, 1, N, n]
-        later = jnp.arange(n_sub)[:, None] > jnp.arange(n_sub)[None, :]  # [n(I), n(J)]
-        q_rel = cum_s[:, :, :, :, None] - cum_end[:, :, :, None, :, None, :]  # [B,H,N,I,J,c,K]
-        q_rel = jnp.where(later[:, :, None, None], q_rel, 0.0)
-        q_mask = later[:, :, None] & (
-            doc_s[:, :, :, :, None] == doc_end[:, :, :, None, :, None])  # [B, 1, N, I, J, c]
-        q_off = jnp.where(q_mask[..., None], q_s[:, :, :, :, None] * jnp.exp(q_rel), 0.0)
-        k_off = k_s * jnp.exp(cum_end[..., None, :] - cum_s)  # [B, H, N, n, c, K]
-        k_off = jnp.where((doc_s == doc_end[..., None])[..., None], k_off, 0.0)
-        a_off = jnp.einsum("...IJik,...Jjk->...IJij", q_off, k_off,
-                           precision=hi)  # [B, H, N, I, J, c, c]
-        o_intra = o_intra + jnp.einsum("...IJij,...Jjv->...Iiv", a_off, v_s, precision=hi)
+        # Reference of sub-chunk I >= 1 is position r_I = I*c - 1, so j <= r_I <= i for every pair.
+        cum_ref = cum_s[:, :, :, :-1, -1]  # [B, H, N, n-1, K]  (sub-chunks 1..n-1)
+        doc_ref = doc_s[:, :, :, :-1, -1]  # [B, 1, N, n-1]
+        q_off = jnp.where((doc_s[:, :, :, 1:] == doc_ref[..., None])[..., None],
+                          q_s[:, :, :, 1:] * jnp.exp(cum_s[:, :, :, 1:] - cum_ref[..., None, :]),
+                          0.0)  # [B, H, N, n-1, c, K]
+        before = (jnp.arange(chunk)[None, :]
+                  < sub * jnp.arange(1, n_sub)[:, None])  # [n-1, C]  j < I*c
+        k_mask = before & (doc_c[:, :, :, None, :] == doc_ref[..., None])  # [B, 1, N, n-1, C]
+        k_rel = jnp.where(before[:, :, None], cum_ref[..., None, :] - cum[:, :, :, None],
+                          0.0)  # [B, H, N, n-1, C, K]
+        k_off = jnp.where(k_mask[..., None], k_c[:, :, :, None] * jnp.exp(k_rel), 0.0)
+        a_off = jnp.einsum("...ik,...jk->...ij", q_off, k_off, precision=hi)  # [B,H,N,n-1,c,C]
+        o_off = jnp.einsum("...Iij,...jv->...Iiv", a_off, v_c, precision=hi)  # [B,H,N,n-1,c,V]
+        o_intra = o_intra.at[:, :, :, 1:].add(o_off)
     o_intra = o_intra.reshape(batch, heads, num_chunks, chunk, v_dim)  # [B, H, N, C, V]
 
-    # ---- inter-chunk: states at chunk boundaries via lax.scan -------------------------------------
+    # ---- inter-chunk: states at chunk boundaries via lax.scan ------------------------------------
     doc_last = doc_c[..., -1]  # [B, 1, N]
     doc_prev = jnp.concatenate([jnp.zeros_like(doc_last[..., :1]), doc_last[..., :-1]],
                                axis=-1)  # [B, 1, N]

@@ -44,7 +44,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3       # orbax max_to_keep
     c.optim = optim_config()
     c.mesh = mesh_config()
-    c.kernel_impl = "auto"       # default impl for ops ("auto", "ref", "chunked", "interpret", "pallas")
     return c
 
 

@@ -1,6 +1,7 @@
 """Byte-level decoder LMs on local text, with a softmax-attention mixer (full or sliding window).
 
-Command (default main job; 2 CPU cores, ~2-3 minutes, eval bits/byte falls from 8 to about 2.5):
+Command (default main job; 2 CPU cores, 600 steps of 2048 bytes, ~3 min alone on 2 cores; measured: train
+loss 4.05 nats at step 10 -> 1.24 at step 600, eval 1.83 bits/byte):
   python -m experiments.train --config=lm_tiny --workdir=/tmp/lm_tiny
 Args: ``mixer=attention|swa``, ``size=tiny|small``, ``data=text|tfds``, ``runlocal`` (a few steps, for smoke
 tests). A prepared TFDS text dataset instead of local text:
@@ -44,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         block_pattern="A",         # mixer letters, repeated to num_layers (sqattn.mixers)
         mlp_dim=mlp,               # SwiGLU hidden; 0 = no MLP
         tie_embeddings=True,
-        dtype="float32",           # compute dtype ("float32" | "bfloat16"); params stay float32
+        dtype="bfloat16",          # compute dtype ("float32" | "bfloat16"); params stay float32
         norm_eps=1e-6,
         remat=False,               # rematerialise each block in the backward pass
         mixers=ml_collections.ConfigDict(dict(

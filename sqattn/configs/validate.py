@@ -9,8 +9,6 @@ import ml_collections
 
 from sqattn.parallel import sharding
 
-_IMPLS = ("auto", "ref", "chunked", "interpret", "pallas")
-
 
 class ConfigError(ValueError):
     """A config that cannot run, with the field and the reason."""
@@ -27,7 +25,6 @@ def validate(cfg: ml_collections.ConfigDict, *, check_devices: bool = True) -> N
     from sqattn.train import tasks
     _check(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
     _check(cfg.num_steps >= 0, f"num_steps must be >= 0, got {cfg.num_steps}")
-    _check(cfg.kernel_impl in _IMPLS, f"kernel_impl {cfg.kernel_impl!r} not in {_IMPLS}")
     models.model_class(cfg.model_name)
     tasks.get_task(cfg.task)
     o = cfg.optim

@@ -65,8 +65,9 @@ def test_kill_and_resume_is_exact(tmp_path):
 
 def test_eight_device_mesh_matches_single_device(tmp_path):
     assert jax.device_count() == 8
-    single = _cfg(num_steps=2, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
-    mesh = _cfg(num_steps=2, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    f32 = {"model.dtype": "float32"}
+    single = _cfg(num_steps=2, **f32, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
+    mesh = _cfg(num_steps=2, **f32, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     train_and_evaluate(single, str(tmp_path / "one"), progress=False)
     train_and_evaluate(mesh, str(tmp_path / "eight"), progress=False)
     l1, l8 = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "eight"))
@@ -76,8 +77,8 @@ def test_eight_device_mesh_matches_single_device(tmp_path):
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
-    a = _cfg(num_steps=2, **{"optim.grad_accum": 1, "mesh.fsdp": 2})
-    b = _cfg(num_steps=2, **{"optim.grad_accum": 2, "mesh.fsdp": 2})
+    a = _cfg(num_steps=2, **{"optim.grad_accum": 1, "mesh.fsdp": 2, "model.dtype": "float32"})
+    b = _cfg(num_steps=2, **{"optim.grad_accum": 2, "mesh.fsdp": 2, "model.dtype": "float32"})
     train_and_evaluate(a, str(tmp_path / "a"), progress=False)
     train_and_evaluate(b, str(tmp_path / "b"), progress=False)
     la, lb = _losses(str(tmp_path / "a")), _losses(str(tmp_path / "b"))

@@ -7,32 +7,22 @@ import pytest
 from flax import nnx
 
 from sqattn.mixers.attention import Attention, attention_mask
+from tests.sqattn.mixers.common import apply, decode
 from tests.testing import assert_close
-
-
-def _run_decode(mixer, x):
-    b, t, d = x.shape
-    cache = mixer.init_cache(b, t, jnp.float32)
-
-    def body(c, xt):
-        y, c = mixer.step(xt, c)
-        return c, y
-    _, ys = jax.lax.scan(body, cache, jnp.swapaxes(x, 0, 1))
-    return jnp.swapaxes(ys, 0, 1)
 
 
 @pytest.mark.parametrize("window,heads,kv,t", [(0, 4, 4, 13), (0, 4, 2, 9), (5, 4, 1, 17), (1, 2, 2, 6)])
 def test_step_decode_equals_parallel(window, heads, kv, t):
     mixer = Attention(32, rngs=nnx.Rngs(0), num_heads=heads, num_kv_heads=kv, window=window)
     x = jax.random.normal(jax.random.key(1), (2, t, 32))
-    assert_close(_run_decode(mixer, x), mixer(x), jnp.float32, "decode vs parallel")
+    assert_close(decode(mixer, x), apply(mixer, x), jnp.float32, "decode vs parallel")
 
 
 def test_sliding_window_differs_from_full_beyond_window():
     full = Attention(16, rngs=nnx.Rngs(0), num_heads=2, window=0)
     swa = Attention(16, rngs=nnx.Rngs(0), num_heads=2, window=3)
     x = jax.random.normal(jax.random.key(2), (1, 8, 16))
-    yf, ys = full(x), swa(x)
+    yf, ys = apply(full, x), apply(swa, x)
     assert_close(ys[:, :3], yf[:, :3], jnp.float32, "within window")   # first W positions see the same keys
     assert float(jnp.max(jnp.abs(ys[:, 3:] - yf[:, 3:]))) > 1e-3
 
@@ -43,9 +33,9 @@ def test_packed_segments_are_isolated():
     b = jax.random.normal(jax.random.key(4), (1, 7, 16))
     packed = jnp.concatenate([a, b], axis=1)
     seg = jnp.array([[0] * 5 + [1] * 7])
-    y = mixer(packed, segment_ids=seg)
-    assert_close(y[:, :5], mixer(a), jnp.float32, "segment 0")
-    assert_close(y[:, 5:], mixer(b), jnp.float32, "segment 1 (positions restart)")
+    y = apply(mixer, packed, seg)
+    assert_close(y[:, :5], apply(mixer, a), jnp.float32, "segment 0")
+    assert_close(y[:, 5:], apply(mixer, b), jnp.float32, "segment 1 (positions restart)")
 
 
 def test_mask_semantics():
@@ -63,4 +53,4 @@ def test_bad_heads_error():
 def test_bf16_decode_matches_parallel():
     mixer = Attention(32, rngs=nnx.Rngs(0), num_heads=4, num_kv_heads=2, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(5), (2, 11, 32)).astype(jnp.bfloat16)
-    assert_close(_run_decode(mixer, x), mixer(x), jnp.bfloat16, "bf16 decode vs parallel")
+    assert_close(decode(mixer, x), apply(mixer, x), jnp.bfloat16, "bf16 decode vs parallel")
