@@ -142,8 +142,8 @@ def _ssd_kernel(x_ref, dtc_ref, dtr_ref, b_ref, c_ref, a_ref, d_ref, s0_ref, cnt
                 inok_ref, outok_ref, y_ref, s_ref, *, num_chunks: int, chunk: int):
     """One (batch row, head): loop over chunks carrying the [p, n] state."""
     q = chunk
-    a = a_ref[...].astype(_F32)  # [1, 1]
-    d_skip = d_ref[...].astype(_F32)  # [1, 1]
+    a = a_ref[0].astype(_F32)  # [1, 1]
+    d_skip = d_ref[0].astype(_F32)  # [1, 1]
     row = lax.broadcasted_iota(jnp.int32, (q, q), 0)  # i (query / later position)
     col = lax.broadcasted_iota(jnp.int32, (q, q), 1)  # j (key / earlier position)
     incl = (col <= row).astype(_F32)  # [q, q]
@@ -223,8 +223,8 @@ def ssd_fwd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arra
     dt_row = dt_k[:, :, None, :]  # [b, h, 1, tp]
     b_k = jnp.transpose(pad_t(B), (0, 2, 1, 3))  # [b, g, tp, n]
     c_k = jnp.transpose(pad_t(C), (0, 2, 1, 3))  # [b, g, tp, n]
-    a_k = A.astype(_F32).reshape(h, 1)  # [h, 1]
-    d_k = D.astype(_F32).reshape(h, 1)  # [h, 1]
+    a_k = A.astype(_F32).reshape(h, 1, 1)  # [h, 1, 1]: per-head scalars in full-extent tiles
+    d_k = D.astype(_F32).reshape(h, 1, 1)  # [h, 1, 1]
 
     # Segment bookkeeping, per position: reset count, "no reset since chunk start" and
     # "no reset after this position up to chunk end".
@@ -238,9 +238,11 @@ def ssd_fwd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Arra
     cnt_col = cnt_f[..., None]  # [b, tp, 1]
     cnt_row = cnt_f[:, None, :]  # [b, 1, tp]
 
-    head_seq = lambda last: pl.BlockSpec((1, 1, tp, last), lambda i, j: (i, j, 0, 0))
+    def head_seq(last: int) -> pl.BlockSpec:  # one head's whole (padded) sequence
+        return pl.BlockSpec((1, 1, tp, last), lambda i, j: (i, j, 0, 0))
+
     group_seq = pl.BlockSpec((1, 1, tp, n), lambda i, j: (i, j // r, 0, 0))
-    scalar = pl.BlockSpec((1, 1), lambda i, j: (j, 0))
+    scalar = pl.BlockSpec((1, 1, 1), lambda i, j: (j, 0, 0))
     col_spec = pl.BlockSpec((1, tp, 1), lambda i, j: (i, 0, 0))
     state_spec = pl.BlockSpec((1, 1, p, n), lambda i, j: (i, j, 0, 0))
     y_k, s_final = pl.pallas_call(

@@ -15,6 +15,7 @@ import ml_collections
 REGISTRY: dict[str, tuple[str, str]] = {
     "lm_tiny": ("lm", "mixer=attention"),
     "swa_tiny": ("lm", "mixer=swa"),
+    "gla_tiny": ("lm", "mixer=gla"),
 }
 
 
