@@ -8,8 +8,9 @@ The step is built exactly as ``sqattn.train.trainer`` builds it (``make_setup``,
 ``make_train_step``, the same shardings and donation); batches come from the config's dataset and are placed
 on the devices before timing. ``--warmup`` untimed steps (the first compiles) precede ``--steps`` timed ones,
 each synchronised with ``block_until_ready``; the reported step time is their median. The peak is the measured
-FLOP/s of a bf16-input, f32-accumulate matmul (``sqattn.train.flops.measured_peak_flops``) times the device
-count, measured in the same process, so ``mfu = flops_per_token * tokens_per_s / peak_flops_per_s``.
+FLOP/s of a bf16-input, f32-accumulate matmul (``sqattn.train.flops.measured_peak_flops``) summed over the
+devices (``system_peak_flops``: CPU devices share the host's cores, so on CPU it is counted once per process),
+measured in the same process, so ``mfu = flops_per_token * tokens_per_s / peak_flops_per_s``.
 
 Flags: --config=NAME[:arg] and --config.a.b=value (as experiments/train.py), --warmup, --steps,
 --workdir (optional: also writes bench_train.json there).
@@ -35,18 +36,6 @@ flags.DEFINE_string("workdir", None, "If set, also write the JSON record to <wor
 FLAGS = flags.FLAGS
 
 _CONFIG_ARGV: list[str] = []
-
-
-def _parse(argv):
-    """Takes --config/--config.* out of argv (handled by sqattn.configs.cli), absl parses the rest."""
-    from sqattn.configs import cli
-    try:
-        name, overrides, rest = cli.split_argv(argv[1:])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    _CONFIG_ARGV[:] = [f"--config={name}"] if name else []
-    _CONFIG_ARGV.extend(f"--config.{k}={v}" for k, v in overrides)
-    return FLAGS([argv[0]] + rest)
 
 
 def bench_config(config_argv: list[str]):
@@ -113,7 +102,7 @@ def run_benchmark(config, *, warmup: int = 3, steps: int = 10) -> dict:
     model_view = nnx.merge(setup.graphdef, setup.abstract_params)
     fpt = state_lib.flops_per_token(model_view, setup.abstract_params, seq_len)
     peak_device = flops_lib.measured_peak_flops()
-    peak = peak_device * jax.device_count()
+    peak = flops_lib.system_peak_flops()
     tokens_per_s = tokens_per_step / step_time
     loss = float(np.asarray(metrics["loss"]))
     return {
@@ -148,12 +137,14 @@ def main(argv):
     del argv
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
+    from sqattn.configs import cli
     from sqattn.configs.validate import ConfigError
     try:
         config = bench_config(_CONFIG_ARGV)
         record = run_benchmark(config, warmup=FLAGS.warmup, steps=FLAGS.steps)
     except (ConfigError, ValueError, TypeError) as e:
         sys.exit(f"error: {type(e).__name__}: {e}")
+    record["overrides"] = dict(cli.split_argv(_CONFIG_ARGV)[1])
     line = json.dumps(record, sort_keys=True)
     if FLAGS.workdir:
         os.makedirs(FLAGS.workdir, exist_ok=True)
@@ -163,4 +154,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    from sqattn.configs import cli
+    app.run(main, flags_parser=cli.absl_flags_parser(_CONFIG_ARGV))

@@ -39,6 +39,8 @@ def main(argv):
                                top_k=FLAGS.top_k, seed=FLAGS.seed)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {type(e).__name__}: {e}")
+    if hasattr(sys.stdout, "reconfigure"):   # sampled bytes may not fit a non-UTF-8 terminal encoding
+        sys.stdout.reconfigure(errors="replace")
     print(FLAGS.prompt + text)
 
 

@@ -29,18 +29,6 @@ FLAGS = flags.FLAGS
 _CONFIG_ARGV: list[str] = []
 
 
-def _parse(argv):
-    """Takes --config/--config.* out of argv (handled by sqattn.configs.cli), absl parses the rest."""
-    from sqattn.configs import cli
-    try:
-        name, overrides, rest = cli.split_argv(argv[1:])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    _CONFIG_ARGV[:] = [f"--config={name}"] if name else []
-    _CONFIG_ARGV.extend(f"--config.{k}={v}" for k, v in overrides)
-    return FLAGS([argv[0]] + rest)
-
-
 def _quiet_logging() -> None:
     """sqattn's own INFO lines on stderr; absl/orbax chatter only from WARNING up."""
     from absl import logging as absl_logging
@@ -88,4 +76,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    from sqattn.configs import cli
+    app.run(main, flags_parser=cli.absl_flags_parser(_CONFIG_ARGV))

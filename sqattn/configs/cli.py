@@ -8,6 +8,7 @@ naming the key, before anything is built.
 from __future__ import annotations
 
 import ast
+import sys
 from typing import Sequence
 
 import ml_collections
@@ -99,3 +100,22 @@ def config_from_argv(argv: Sequence[str], default: str) -> tuple[ml_collections.
     apply_overrides(cfg, overrides)
     cfg.lock()
     return cfg, rest
+
+
+def absl_flags_parser(config_argv: list[str]):
+    """A ``flags_parser`` for ``absl.app.run`` that moves ``--config``/``--config.*`` into ``config_argv``.
+
+    absl parses every other flag; ``config_from_argv(config_argv, default)`` then builds the config::
+
+        _CONFIG_ARGV: list[str] = []
+        app.run(main, flags_parser=cli.absl_flags_parser(_CONFIG_ARGV))
+    """
+    def parse(argv):
+        from absl import flags
+        try:
+            name, overrides, rest = split_argv(argv[1:])
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        config_argv[:] = ([f"--config={name}"] if name else []) + [f"--config.{k}={v}" for k, v in overrides]
+        return flags.FLAGS([argv[0]] + rest)
+    return parse

@@ -22,3 +22,16 @@ def measured_peak_flops(n: int = 1024, repeats: int = 5) -> float:
         f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n ** 3 / best
+
+
+def system_peak_flops() -> float:
+    """Peak FLOP/s of all devices of the run, from one measured device.
+
+    CPU "devices" (including ``--xla_force_host_platform_device_count`` simulated ones) share the host's
+    cores, and one device's matmul already uses all of them, so the CPU peak is one measurement per process;
+    accelerators add up per device.
+    """
+    per_device = measured_peak_flops()
+    if jax.default_backend() == "cpu":
+        return per_device * jax.process_count()
+    return per_device * jax.device_count()

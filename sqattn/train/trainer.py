@@ -222,7 +222,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     model_view = nnx.merge(setup.graphdef, setup.abstract_params)
     seq_len = int(getattr(train_ds, "seq_len", 1))
     fpt = state_lib.flops_per_token(model_view, setup.abstract_params, seq_len)
-    peak = flops_lib.measured_peak_flops() * jax.device_count()
+    peak = flops_lib.system_peak_flops()
     tokens_per_step = config.batch_size * seq_len
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     meta = {"config": config_json}
