@@ -30,9 +30,14 @@ DEFAULT_CONFIG = "lm_tiny"
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_SEQ_LEN = 128
 
-flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles).")
-flags.DEFINE_integer("steps", 10, "Timed steps.")
-flags.DEFINE_string("workdir", None, "If set, also write the JSON record to <workdir>/bench_train.json.")
+
+def define_flags() -> None:
+    """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
+    flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles).")
+    flags.DEFINE_integer("steps", 10, "Timed steps.")
+    flags.DEFINE_string("workdir", None, "If set, also write the JSON record to <workdir>/bench_train.json.")
+
+
 FLAGS = flags.FLAGS
 
 _CONFIG_ARGV: list[str] = []
@@ -154,5 +159,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     from sqattn.configs import cli
     app.run(main, flags_parser=cli.absl_flags_parser(_CONFIG_ARGV))

@@ -14,13 +14,18 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json and checkpoints/).", required=True)
-flags.DEFINE_string("prompt", "def ", "Text to continue (UTF-8; tokens are its bytes).")
-flags.DEFINE_integer("max_new_tokens", 200, "Bytes to generate.")
-flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 40, "Sample among the k most likely bytes (0 = all).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the latest).")
+
+def define_flags() -> None:
+    """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
+    flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json and checkpoints/).", required=True)
+    flags.DEFINE_string("prompt", "def ", "Text to continue (UTF-8; tokens are its bytes).")
+    flags.DEFINE_integer("max_new_tokens", 200, "Bytes to generate.")
+    flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+    flags.DEFINE_integer("top_k", 40, "Sample among the k most likely bytes (0 = all).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the latest).")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -45,4 +50,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

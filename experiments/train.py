@@ -19,11 +19,16 @@ from absl import app, flags
 
 DEFAULT_CONFIG = "lm_tiny"
 
-flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics.jsonl, tb/, loss.png).")
-flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print sizes/memory/FLOPs as a table and a "
-                  "final JSON line, and exit without allocating it.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+def define_flags() -> None:
+    """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
+    flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics.jsonl, tb/, loss.png).")
+    flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print sizes/memory/FLOPs as a table and a "
+                      "final JSON line, and exit without allocating it.")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
+    flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
 FLAGS = flags.FLAGS
 
 _CONFIG_ARGV: list[str] = []
@@ -76,5 +81,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     from sqattn.configs import cli
     app.run(main, flags_parser=cli.absl_flags_parser(_CONFIG_ARGV))

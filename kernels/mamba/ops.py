@@ -198,7 +198,9 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
     op = "selective_scan"
     _check_selective_scan(op, u, delta, A, B, C, D, initial_state, segment_ids)
     _check_chunk(op, chunk_size)
-    resolved = dispatch.resolve_impl(impl, op=op)
+    # Compiled kernels only on GPU: they are written for the Triton lowering and have never been
+    # compiled or run on TPU (Mosaic), so "auto" on TPU takes the XLA chunked path.
+    resolved = dispatch.resolve_impl(impl, op=op, has_pallas=("gpu",))
     b, t, d = u.shape
     resets = None if segment_ids is None else ref.segment_resets(segment_ids, b, t)
     if resolved == "ref":
@@ -249,7 +251,9 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
     op = "ssd"
     _check_ssd(op, x, dt, A, B, C, D, initial_state, segment_ids)
     _check_chunk(op, chunk_size)
-    resolved = dispatch.resolve_impl(impl, op=op)
+    # Compiled kernels only on GPU: they are written for the Triton lowering and have never been
+    # compiled or run on TPU (Mosaic), so "auto" on TPU takes the XLA chunked path.
+    resolved = dispatch.resolve_impl(impl, op=op, has_pallas=("gpu",))
     b, t, h, p = x.shape
     resets = None if segment_ids is None else ref.segment_resets(segment_ids, b, t)
     if resolved == "ref":

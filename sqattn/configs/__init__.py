@@ -16,6 +16,17 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "lm_tiny": ("lm", "mixer=attention"),
     "swa_tiny": ("lm", "mixer=swa"),
     "gla_tiny": ("lm", "mixer=gla"),
+    "sse_h_tiny": ("sse_h", "size=tiny"),
+    "sse_h_2b": ("sse_h", "size=2b"),
+    "mamba_tiny": ("lm", "mixer=mamba"),
+    "mamba2_tiny": ("lm", "mixer=mamba2"),
+    "copy_mamba2": ("copy_task", "mixer=mamba2"),
+    "copy_mamba": ("copy_task", "mixer=mamba"),
+    "copy_transformer": ("copy_task", "mixer=transformer"),
+    "mqar": ("mqar", "mixer=gla_softmax"),
+    "mqar_attention": ("mqar", "mixer=attention"),
+    "moe_tiny": ("moe", "size=tiny"),
+    "moe_large": ("moe", "size=large"),
 }
 
 

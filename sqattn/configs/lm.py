@@ -3,8 +3,8 @@
 Command (default main job; 2 CPU cores, 600 steps of 2048 bytes, ~3 min alone on 2 cores; measured: train
 loss 4.05 nats at step 10 -> 1.24 at step 600, eval 1.83 bits/byte):
   python -m experiments.train --config=lm_tiny --workdir=/tmp/lm_tiny
-Args: ``mixer=attention|swa|gla``, ``size=tiny|small``, ``data=text|tfds``, ``runlocal`` (a few steps, for smoke
-tests). A prepared TFDS text dataset instead of local text:
+Args: ``mixer=attention|swa|gla|mamba|mamba2``, ``size=tiny|small``, ``data=text|tfds``, ``runlocal`` (a few
+steps, for smoke tests). A prepared TFDS text dataset instead of local text:
   python -m experiments.train --config=lm_tiny:data=tfds --config.data.tfds_name=lm1b \
       --config.data.tfds_data_dir=/data/tfds
 """
@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         remat=False,               # rematerialise each block in the backward pass
         mixers=ml_collections.ConfigDict(dict(
             attention=ml_collections.ConfigDict(dict(
-                num_heads=heads, num_kv_heads=kv_heads, window=0, rope_theta=10000.0, qk_norm=False)),
+                num_heads=heads, num_kv_heads=kv_heads, window=0, rope_theta=10000.0, qk_norm=False,
+                cad=False)),               # core-attention disaggregation (sqattn.parallel.cad)
         )),
     ))
     if a.mixer == "swa":
@@ -60,9 +61,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.mixers.gla = ml_collections.ConfigDict(dict(
             num_heads=heads, key_map="softmax", query_map="silu", gate_rank=16, gate_norm=16.0,
             short_conv=False, chunk_size=64, impl="auto"))
+    elif a.mixer in ("mamba", "mamba2"):
+        # Mamba-style blocks: no MLP and twice the layers of the Transformer of the same size
+        # (papers/mamba_free_lunch.md §3.1). mamba_tiny: 8 x d128 S6 (N=16); mamba2_tiny: 8 x d128 SSD
+        # (N=64, 4 heads of 64).
+        c.model.update(num_layers=2 * layers, mlp_dim=0)
+        if a.mixer == "mamba":
+            c.model.block_pattern = "M"
+            c.model.mixers.mamba = ml_collections.ConfigDict(dict(
+                d_state=16, expand=2, d_conv=4, dt_rank="auto", chunk_size=64, impl="auto"))
+        else:
+            c.model.block_pattern = "2"
+            c.model.mixers.mamba2 = ml_collections.ConfigDict(dict(
+                d_state=64, expand=2, head_dim=64, ngroups=1, d_conv=4, chunk_size=64, impl="auto"))
     elif a.mixer != "attention":
-        raise ValueError(f"lm configs: unknown mixer {a.mixer!r}; expected attention|swa|gla")
+        raise ValueError(f"lm configs: unknown mixer {a.mixer!r}; expected attention|swa|gla|mamba|mamba2")
     if a.runlocal:
         base.runlocal(c)
         c.model.update(d_model=64, num_layers=2, mlp_dim=128)
+        if a.mixer in ("mamba", "mamba2"):
+            c.model.mlp_dim = 0
     return c

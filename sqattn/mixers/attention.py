@@ -14,6 +14,7 @@ from flax import nnx
 
 from sqattn import mixers
 from sqattn.layers import Dense, RMSNorm, apply_rope, positions_from_segments
+from sqattn.parallel import cad as cad_lib
 from sqattn.parallel.sharding import constrain
 
 _MASK = -1e30  # finite: fully-masked rows give a uniform softmax, never NaN
@@ -52,17 +53,24 @@ class Attention(nnx.Module):
     Attributes:
       num_heads: query heads h.  num_kv_heads: kv heads g (h % g == 0; default h).
       head_dim: per-head width (default d_model // h).  window: 0 = full, W > 0 = sliding window.
+      cad: core attention disaggregation (sqattn.parallel.cad): True or a dict of ``CADConfig`` fields. Under
+        an ``activation_sharding`` mesh whose data-parallel axes shard the batch, core attention runs as the
+        balanced shard_map program (same result); otherwise it is ignored. Full attention only.
     """
 
     def __init__(self, d_model: int, *, rngs: nnx.Rngs, dtype=jnp.float32, num_heads: int = 4,
                  num_kv_heads: int | None = None, head_dim: int | None = None, window: int = 0,
-                 rope_theta: float = 10000.0, qk_norm: bool = False, out_scale: float = 1.0):
+                 rope_theta: float = 10000.0, qk_norm: bool = False, out_scale: float = 1.0,
+                 cad: bool | dict = False):
         num_kv_heads = num_kv_heads or num_heads
         head_dim = head_dim or d_model // num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"attention: num_heads={num_heads} not divisible by num_kv_heads={num_kv_heads}")
         if window < 0:
             raise ValueError(f"attention: window must be >= 0, got {window}")
+        self.cad = cad_lib.CADConfig.from_arg(cad)
+        if self.cad is not None and window > 0:
+            raise ValueError(f"attention: cad needs full attention (window=0), got window={window}")
         self.h, self.g, self.hd, self.window, self.theta = num_heads, num_kv_heads, head_dim, window, rope_theta
         self.q = Dense(d_model, num_heads * head_dim, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
         self.k = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
@@ -88,9 +96,11 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         pos = positions_from_segments(segment_ids, b, t)
         q, k, v = self._qkv(x, pos)
-        idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-        mask = attention_mask(idx, idx, window=self.window, q_seg=segment_ids, k_seg=segment_ids)
-        o = dot_product_attention(q, k, v, mask)                       # [b,t,h,k]
+        o = cad_lib.core_attention(q, k, v, segment_ids, self.cad) if self.cad is not None else None
+        if o is None:
+            idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+            mask = attention_mask(idx, idx, window=self.window, q_seg=segment_ids, k_seg=segment_ids)
+            o = dot_product_attention(q, k, v, mask)                   # [b,t,h,k]
         return self.o(o.reshape(b, t, self.h * self.hd))
 
     def extra_flops_per_token(self, seq_len: int) -> float:

@@ -39,11 +39,16 @@ def as_dtype(name: str):
 
 class Block(nnx.Module):
     def __init__(self, letter: str, d_model: int, mlp_dim: int, mixer_cfg: dict, *, rngs: nnx.Rngs,
-                 dtype, norm_eps: float, out_scale: float):
+                 dtype, norm_eps: float, out_scale: float, moe_cfg: dict | None = None):
         spec = mixer_registry.get(letter)
         self.letter = letter
         self.norm1 = RMSNorm(d_model, eps=norm_eps)
         self.mixer = spec.factory(d_model, rngs=rngs, dtype=dtype, **mixer_cfg)
+        if moe_cfg is not None:  # a mixture of experts replaces the MLP (sqattn.moe)
+            from sqattn.moe import MoE
+            self.norm2 = RMSNorm(d_model, eps=norm_eps)
+            self.mlp = MoE(d_model, rngs=rngs, dtype=dtype, out_scale=out_scale, **moe_cfg)
+            return
         self.norm2 = RMSNorm(d_model, eps=norm_eps) if mlp_dim else None
         self.mlp = SwiGLU(d_model, mlp_dim, rngs=rngs, dtype=dtype, out_scale=out_scale) if mlp_dim else None
 
@@ -69,26 +74,33 @@ class LM(nnx.Module):
       mlp_dim: SwiGLU hidden width (0 = no MLP).  tie_embeddings: output head = embedding^T.
       dtype: compute dtype name ("float32" | "bfloat16"); parameters are always float32.
       mixers: {mixer name: kwargs} for each mixer the pattern uses.  remat: rematerialise each block.
+      moe: None (no MoE) or ``sqattn.moe.MoE`` kwargs plus ``every``/``layers`` choosing the blocks whose MLP
+        it replaces (``sqattn.moe.moe_layer_indices``; e.g. ``every=2``: blocks 1, 3, ...).
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, block_pattern: str = "A",
                  mlp_dim: int = 0, tie_embeddings: bool = True, dtype: str = "float32",
                  mixers: dict[str, dict[str, Any]] | None = None, norm_eps: float = 1e-6,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: bool = False, moe: dict[str, Any] | None = None, rngs: nnx.Rngs):
         mixers = dict(mixers or {})
+        moe_layers, moe_kwargs = (), None
+        if moe is not None:
+            from sqattn import moe as moe_lib
+            moe_layers, moe_kwargs = moe_lib.moe_layer_indices(num_layers, moe), moe_lib.layer_kwargs(moe)
         self.pattern = expand_pattern(block_pattern, num_layers)
         self.dtype = as_dtype(dtype)
         self.remat = remat
         self.embed = Embed(vocab_size, d_model, rngs=rngs, dtype=self.dtype)
         out_scale = 1.0 / (2 * num_layers) ** 0.5  # GPT-2 style residual-branch scaling
         blocks = []
-        for letter in self.pattern:
+        for i, letter in enumerate(self.pattern):
             name = mixer_registry.get(letter).name
             cfg = dict(mixers.get(name, {}))
             if "out_scale" in _init_args(letter):
                 cfg.setdefault("out_scale", out_scale)
             blocks.append(Block(letter, d_model, mlp_dim, cfg, rngs=rngs, dtype=self.dtype,
-                                norm_eps=norm_eps, out_scale=out_scale))
+                                norm_eps=norm_eps, out_scale=out_scale,
+                                moe_cfg=moe_kwargs if i in moe_layers else None))
         self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(d_model, eps=norm_eps)
         self.head = None if tie_embeddings else Dense(d_model, vocab_size, axes=("embed", "vocab"),

@@ -10,6 +10,7 @@ import jax
 from flax import nnx
 
 from sqattn.configs.validate import validate
+from sqattn.moe import inactive_params
 from sqattn.train import state as state_lib
 
 
@@ -28,6 +29,7 @@ def dry_run(config, *, check_devices: bool = True) -> dict:
         "config": config.name,
         "params": state_lib.param_count(setup.abstract_params),
         "matmul_params": state_lib.matmul_param_count(setup.abstract_params),
+        "active_params": state_lib.param_count(setup.abstract_params) - inactive_params(model_view),
         "bytes_per_device": total_bytes,
         "param_bytes_per_device": params_bytes,
         "flops_per_token": state_lib.flops_per_token(model_view, setup.abstract_params, seq_len),
@@ -42,6 +44,7 @@ def format_report(rep: dict) -> str:
     """A human table followed, as its last line, by one JSON object."""
     rows = [("config", rep["config"]), ("parameters", f"{rep['params']:,}"),
             ("matmul parameters", f"{rep['matmul_params']:,}"),
+            ("active parameters / token", f"{rep['active_params']:,}"),
             ("mesh", " x ".join(f"{k}={v}" for k, v in rep["mesh"].items())),
             ("params / device", f"{rep['param_bytes_per_device'] / 2**20:,.1f} MiB"),
             ("params+opt / device", f"{rep['bytes_per_device'] / 2**20:,.1f} MiB"),
@@ -49,6 +52,6 @@ def format_report(rep: dict) -> str:
     rows += [(f"  {k}", f"{v:,}") for k, v in sorted(rep["param_groups"].items())]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    summary = {k: rep[k] for k in ("config", "params", "bytes_per_device", "flops_per_token", "mesh",
-                                   "param_bytes_per_device", "seq_len")}
+    summary = {k: rep[k] for k in ("config", "params", "active_params", "bytes_per_device", "flops_per_token",
+                                   "mesh", "param_bytes_per_device", "seq_len")}
     return "\n".join(lines + [json.dumps(summary)])

@@ -103,11 +103,18 @@ def matmul_param_count(abstract_params) -> int:
     return int(n)
 
 
+def active_param_count(model, abstract_params) -> int:
+    """Matmul parameters one token actually uses: ``matmul_param_count`` minus the MoE experts it is not routed
+    to (``sqattn.moe.inactive_params``; equal to ``matmul_param_count`` for a dense model)."""
+    from sqattn.moe import inactive_params
+    return matmul_param_count(abstract_params) - inactive_params(model)
+
+
 def flops_per_token(model, abstract_params, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * matmul params + 3 * each mixer's parameter-free forward FLOPs."""
+    """Training FLOPs per token: 6 * active matmul params + 3 * each mixer's parameter-free forward FLOPs."""
     extra = 0.0
     for blk in getattr(model, "blocks", []):
         fn = getattr(blk.mixer, "extra_flops_per_token", None)
         if fn is not None:
             extra += fn(seq_len)
-    return 6.0 * matmul_param_count(abstract_params) + 3.0 * extra
+    return 6.0 * active_param_count(model, abstract_params) + 3.0 * extra

@@ -1,0 +1,296 @@
+"""MQAR reproduction of papers/sse.md §7: query accuracy vs number of key-value pairs P, per model.
+
+  python -m experiments.mqar --workdir=/work/runs/mqar                       # full grid (slow on 2 CPUs)
+  python -m experiments.mqar --workdir=/tmp/mqar --models=attention,gla_softmax --pairs=16,32 --steps=300
+  python -m experiments.mqar --workdir=/tmp/mqar_smoke --runlocal --pairs=4 --models=attention,gla_softmax
+  python -m experiments.mqar --workdir=/work/runs/mqar --pairs=64 &    # parts of the grid in parallel processes,
+  python -m experiments.mqar --workdir=/work/runs/mqar --collect_only  # then one table of all finished runs
+
+Every run is the registered config family ``sqattn/configs/mqar.py``, trained by ``train_and_evaluate``, so one
+run is reproducible on its own with the command stored in its result::
+
+  python -m experiments.train --config=mqar:mixer=gla_softmax,pairs=32,steps=1500,seed=0 --workdir=DIR
+
+Models (``--models``): attention (softmax attention, the upper bound), gla_softmax (GLA, softmax key map),
+gla_silu (GLA, SiLU key map), sse_n4k1 and sse_n8k2 (SSE-GLA with N sparse partitions, top-K, plus the shared
+one; they need ``sqattn.mixers.sse`` and are skipped with a reason while it is missing). All: 2 layers, d_model
+64, 2 heads of c = d = 32, SwiGLU x2, tied embeddings (parameter counts are reported per model). Sequence length
+is exactly 4P (P "k v" pairs, then the P pairs queried again in random order: the source's minimum 2P + 2Q with
+Q = P). Metric: ``eval_accuracy`` of the LM task on 1024 held-out sequences, which is next-token accuracy at the
+weighted positions only, i.e. at the query keys, whose target is the bound value.
+
+Outputs under ``--workdir``: ``runs/<model>_P<P>_steps<S>_seed<s>/`` (the trainer's workdir: checkpoints,
+metrics.jsonl, loss.png, and ``result.json`` once finished; a run whose result.json exists is not run again,
+an unfinished one resumes from its checkpoint), ``results.json`` (every run, a model x P table with the
+per-seed accuracies, parameter counts, skipped runs) and ``mqar.png`` (accuracy vs P). The JSON is printed too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app, flags
+
+DEFAULT_MODELS = ("attention", "gla_softmax", "gla_silu", "sse_n4k1", "sse_n8k2")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program, so tests can import this module
+    next to other absl binaries that define flags of the same names)."""
+    flags.DEFINE_string("workdir", None, "Output directory (required).")
+    flags.DEFINE_list("models", list(DEFAULT_MODELS), "Models: mixer args of sqattn/configs/mqar.py.")
+    flags.DEFINE_list("pairs", ["16", "32", "64"], "Numbers of key-value pairs P (sequence length 4P).")
+    flags.DEFINE_integer("steps", 1500, "Training steps per run (the note: 1500-2000).")
+    flags.DEFINE_integer("seeds", 1, "Seeds per (model, P): 0 .. seeds-1 (parameter init and data stream).")
+    flags.DEFINE_bool("runlocal", False, "Smoke mode: the configs' runlocal variant (4 steps, batch 8, P <= 8).")
+    flags.DEFINE_bool("progress", True, "Progress bars (runs, and steps within a run).")
+    flags.DEFINE_bool("collect_only", False, "Train nothing: tabulate finished runs, list the others as pending.")
+    flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "sqattn-jax-mqar"),
+                        "Persistent XLA compilation cache directory ('' disables); reruns and resumes compile faster.")
+
+
+def config_name(model: str, pairs: int, steps: int, seed: int, runlocal: bool = False) -> str:
+    """The registered-config string of one run (``--config=`` of experiments/train.py)."""
+    return f"mqar:mixer={model},pairs={pairs},steps={steps},seed={seed}" + (",runlocal" if runlocal else "")
+
+
+def run_dirname(model: str, pairs: int, steps: int, seed: int, runlocal: bool = False) -> str:
+    return f"{model}_P{pairs}_steps{steps}_seed{seed}" + ("_runlocal" if runlocal else "")
+
+
+def model_unavailable(model: str) -> str | None:
+    """Why ``model`` cannot run here (its mixer letter is not registered), or None."""
+    from sqattn import mixers
+    from sqattn.configs import mqar as mqar_configs
+    if model not in mqar_configs.MIXERS:
+        raise ValueError(f"unknown model {model!r}; known: {sorted(mqar_configs.MIXERS)}")
+    letter, name, _ = mqar_configs.MIXERS[model]
+    if letter not in mixers.mixers():
+        return f"mixer {name!r} (letter {letter!r}) is not registered: sqattn.mixers.{name} is missing"
+    return None
+
+
+def param_count(config) -> int:
+    from sqattn.train import state as state_lib
+    _, params = state_lib.abstract_model(config)
+    return state_lib.param_count(params)
+
+
+def load_result(model: str, pairs: int, steps: int, seed: int, workdir: str, runlocal: bool = False) -> dict | None:
+    """The finished result of one run, or None when its ``result.json`` does not exist yet."""
+    path = os.path.join(workdir, "runs", run_dirname(model, pairs, steps, seed, runlocal), "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return dict(json.load(f), reused=True)
+
+
+def train_one(model: str, pairs: int, steps: int, seed: int, workdir: str, *, runlocal: bool = False,
+              progress: bool = True) -> dict:
+    """Trains one run (or loads its finished result) and returns its result record."""
+    from sqattn import configs
+    from sqattn.train import train_and_evaluate
+    name = config_name(model, pairs, steps, seed, runlocal)
+    run_dir = os.path.join(workdir, "runs", run_dirname(model, pairs, steps, seed, runlocal))
+    result_path = os.path.join(run_dir, "result.json")
+    done = load_result(model, pairs, steps, seed, workdir, runlocal)
+    if done is not None:
+        return done
+    config = configs.get(name)
+    config.lock()
+    t0 = time.perf_counter()
+    out = train_and_evaluate(config, run_dir, progress=progress)
+    if out.get("stopped_early"):
+        raise RuntimeError(f"run {name} stopped early at step {out['step']} (SIGTERM); rerun to resume it")
+    rec = {
+        "model": model, "pairs": pairs, "seed": seed, "steps": int(config.num_steps),
+        "seq_len": int(config.data.seq_len), "num_kv_pairs": int(config.data.num_kv_pairs),
+        "batch_size": int(config.batch_size),
+        "eval_sequences": int(config.eval_batches * config.batch_size),
+        "params": param_count(config),
+        "eval_accuracy": float(out["eval_accuracy"]), "eval_loss": float(out["eval_loss"]),
+        "train_loss": float(out["loss"]), "train_accuracy": float(out["accuracy"]),
+        "aux_loss": float(out.get("aux_loss", 0.0)),
+        "wall_s": time.perf_counter() - t0,
+        "config_name": name,
+        "command": f"python -m experiments.train --config={name} --workdir={run_dir}",
+        "run_dir": run_dir,
+    }
+    with open(result_path, "w") as f:
+        json.dump(rec, f, indent=2, sort_keys=True)
+    return dict(rec, reused=False)
+
+
+def summarize(runs: list[dict], models: Sequence[str], pairs: Sequence[int]) -> dict:
+    """model -> {"params", "by_pairs": {P: {"mean", "seeds": [acc ...]}}} from finished runs."""
+    table: dict[str, Any] = {}
+    for model in models:
+        mine = [r for r in runs if r["model"] == model]
+        if not mine:
+            continue
+        row: dict[str, Any] = {"params": mine[0]["params"], "by_pairs": {}}
+        for p in pairs:
+            accs = [r["eval_accuracy"] for r in sorted(mine, key=lambda r: r["seed"]) if r["pairs"] == p]
+            if accs:
+                row["by_pairs"][str(p)] = {"mean": statistics.fmean(accs), "seeds": accs}
+        table[model] = row
+    return table
+
+
+def format_table(table: dict, pairs: Sequence[int]) -> str:
+    head = f"{'model':>12s} {'params':>8s} | " + " ".join(f"{'P=' + str(p):>16s}" for p in pairs)
+    lines = ["query accuracy on held-out sequences (mean over seeds [per seed])", head, "-" * len(head)]
+    for model, row in table.items():
+        cells = []
+        for p in pairs:
+            c = row["by_pairs"].get(str(p))
+            cells.append(f"{'-':>16s}" if c is None else
+                         f"{c['mean']:6.3f} [{','.join(f'{a:.2f}' for a in c['seeds'])}]".rjust(16))
+        lines.append(f"{model:>12s} {row['params']:>8d} | " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(table: dict, pairs: Sequence[int], path: str, title: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, row in table.items():
+        ps = [p for p in pairs if str(p) in row["by_pairs"]]
+        if not ps:
+            continue
+        line, = ax.plot(ps, [row["by_pairs"][str(p)]["mean"] for p in ps], "o-",
+                        label=f"{model} ({row['params'] / 1e3:.0f}k params)")
+        for p in ps:
+            seeds = row["by_pairs"][str(p)]["seeds"]
+            if len(seeds) > 1:
+                ax.scatter([p] * len(seeds), seeds, s=10, color=line.get_color(), alpha=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(pairs))
+    ax.set_xticklabels([str(p) for p in pairs])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("key-value pairs P (sequence length 4P)")
+    ax.set_ylabel("query accuracy (held-out)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run(workdir: str, *, models: Sequence[str] = DEFAULT_MODELS, pairs: Sequence[int] = (16, 32, 64),
+        steps: int = 1500, seeds: int = 1, runlocal: bool = False, progress: bool = True,
+        collect_only: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Runs (or reuses) every (model, P, seed) run, then writes results.json and mqar.png under ``workdir``.
+
+    With ``collect_only`` nothing is trained: finished runs are collected and the others listed as pending
+    (e.g. to assemble the table while several processes train disjoint parts of the grid).
+    """
+    if steps < 1 or seeds < 1 or not pairs or min(pairs) < 1 or not models:
+        raise ValueError(f"need steps >= 1, seeds >= 1, pairs >= 1 and some models; got steps={steps}, "
+                         f"seeds={seeds}, pairs={list(pairs)}, models={list(models)}")
+    os.makedirs(workdir, exist_ok=True)
+    reasons = {m: model_unavailable(m) for m in models}
+    # Smallest P first for every model: an interrupted grid still compares all models at the P it reached.
+    grid = [(m, p, s) for p in sorted(pairs) for s in range(seeds) for m in models]
+    skipped = [{"model": m, "pairs": p, "seed": s, "reason": reasons[m]} for m, p, s in grid if reasons[m]]
+    todo = [(m, p, s) for m, p, s in grid if not reasons[m]]
+    runs: list[dict] = []
+    if collect_only:
+        found = {(m, p, s): load_result(m, p, steps, s, workdir, runlocal) for m, p, s in todo}
+        runs = [r for r in found.values() if r is not None]
+        skipped += [{"model": m, "pairs": p, "seed": s, "reason": "pending: no result.json yet"}
+                    for (m, p, s), r in found.items() if r is None]
+        todo = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc="mqar runs", unit="run", position=0, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        for m, p, s in todo:
+            if bar is not None:
+                bar.set_postfix_str(f"{m} P={p} seed={s}")
+            rec = train_one(m, p, steps, s, workdir, runlocal=runlocal, progress=progress)
+            runs.append(rec)
+            how = "reused" if rec["reused"] else f"{rec['wall_s']:.0f} s"
+            log(f"{m:>12s} P={p:<3d} seed={s}: eval_accuracy={rec['eval_accuracy']:.4f} ({how})")
+            _write(workdir, _record(runs, skipped, models, pairs, steps, seeds, runlocal, start))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    record = _record(runs, skipped, models, pairs, steps, seeds, runlocal, start)
+    record["plot"] = plot(record["table"], pairs, os.path.join(workdir, "mqar.png"),
+                          f"MQAR, {steps} steps x batch 32, {seeds} seed(s); 2 layers, d_model 64")
+    _write(workdir, record)
+    return record
+
+
+def _record(runs, skipped, models, pairs, steps, seeds, runlocal, start) -> dict:
+    import jax
+    return {
+        "settings": {"models": list(models), "pairs": [int(p) for p in pairs], "steps": steps, "seeds": seeds,
+                     "runlocal": runlocal, "batch_size": _batch_size(models, pairs, steps, runlocal),
+                     "seq_len": "4 * pairs",
+                     "backend": jax.default_backend(), "devices": jax.device_count(),
+                     "config_family": "sqattn/configs/mqar.py"},
+        "metric": "eval_accuracy: next-token accuracy at the query keys (weights == 1) of held-out sequences",
+        "table": summarize(runs, models, pairs),
+        "runs": runs,
+        "skipped": skipped,
+        "load_avg_end": list(os.getloadavg()),
+        "elapsed_s": time.perf_counter() - start,
+    }
+
+
+def _batch_size(models, pairs, steps, runlocal) -> int:
+    from sqattn import configs
+    return int(configs.get(config_name(models[0], pairs[0], steps, 0, runlocal)).batch_size)
+
+
+def _write(workdir: str, record: dict) -> None:
+    path = os.path.join(workdir, "results.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    if not FLAGS.workdir:
+        sys.exit("error: --workdir is required")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    if FLAGS.compilation_cache:
+        import jax
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    try:
+        pairs = [int(p) for p in FLAGS.pairs]
+        record = run(FLAGS.workdir, models=FLAGS.models, pairs=pairs, steps=FLAGS.steps, seeds=FLAGS.seeds,
+                     runlocal=FLAGS.runlocal, progress=FLAGS.progress, collect_only=FLAGS.collect_only,
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(format_table(record["table"], pairs), file=sys.stderr)
+    for s in record["skipped"]:
+        print(f"skipped {s['model']} P={s['pairs']} seed={s['seed']}: {s['reason']}", file=sys.stderr)
+    print(json.dumps(record, sort_keys=True))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,89 @@
+"""experiments/bench_mixers.py: record structure, slopes from the recorded data, skips with reasons (no timing
+assertions: the machine is shared)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import bench_mixers
+
+
+@pytest.fixture(scope="module")
+def record():
+    return bench_mixers.run(mixers=("attention", "gla"), lengths=(64, 128), tokens=256, d_model=32, num_heads=2,
+                            warmup=1, repeats=2, max_seconds=60.0, max_memory_gb=1.0, sse_sweep=False,
+                            speedup=True, speedup_length=64, speedup_families=("gla",))
+
+
+def test_record_structure_and_positive_measurements(record):
+    st = record["settings"]
+    assert st["lengths"] == [64, 128] and st["tokens"] == 256 and st["dtype"] == "bfloat16"
+    assert set(record["mixers"]) == {"attention", "gla"}
+    assert record["load_avg"]["start"] and record["load_avg"]["end"] and record["elapsed_s"] > 0
+    for name, m in record["mixers"].items():
+        assert m["available"] and m["params"] > 0 and m["cfg"]["num_heads"] == 2
+        assert [p["length"] for p in m["points"]] == [64, 128]
+        for p in m["points"]:
+            assert "skipped" not in p, p
+            assert p["batch"] == 256 // p["length"] and p["tokens"] == 256
+            assert p["time_s"] > 0 and len(p["times_s"]) == 2 and p["time_s"] == np.median(p["times_s"])
+            mem = p["memory"]
+            assert mem["total_bytes"] == mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"] > 0
+            # the arguments hold at least x [b, T, d] in bf16 and the parameters in f32
+            assert mem["argument_bytes"] >= p["batch"] * p["length"] * 32 * 2 + m["params"] * 4
+    json.dumps(record)   # JSON-able
+
+
+def test_slopes_are_fitted_on_the_recorded_points(record):
+    for m in record["mixers"].values():
+        t = np.log([p["length"] for p in m["points"]])
+        expect_t = np.polyfit(t, np.log([p["time_s"] for p in m["points"]]), 1)[0]
+        expect_m = np.polyfit(t, np.log([p["memory"]["total_bytes"] for p in m["points"]]), 1)[0]
+        assert m["time_slope"] == pytest.approx(expect_t, rel=1e-9)
+        assert m["memory_slope"] == pytest.approx(expect_m, rel=1e-9)
+    # attention's scores grow with T at fixed tokens (b T^2 = tokens T): its memory must grow, GLA's much less
+    assert record["mixers"]["attention"]["memory_slope"] > record["mixers"]["gla"]["memory_slope"]
+
+
+def test_recurrent_speedup_section_reuses_the_chunked_point(record):
+    fam = record["recurrent_speedup"]["families"]["gla"]
+    assert fam["chunked"]["mixer"] == "gla" and fam["recurrent"]["mixer"] == "gla_recurrent"
+    main_64 = record["mixers"]["gla"]["points"][0]
+    assert fam["chunked"]["time_s"] == main_64["time_s"]           # same cached measurement
+    assert fam["speedup"] == pytest.approx(fam["recurrent"]["time_s"] / fam["chunked"]["time_s"])
+
+
+def test_write_json_and_png(record, tmp_path):
+    path, png = bench_mixers.write(record, str(tmp_path))
+    assert os.path.getsize(png) > 0
+    with open(path) as f:
+        assert json.load(f)["mixers"]["gla"]["points"][1]["length"] == 128
+    assert "attention" in bench_mixers.summary_table(record)
+
+
+def test_unavailable_and_over_limit_points_are_skipped_with_reasons(monkeypatch):
+    monkeypatch.setitem(bench_mixers.MIXERS, "nope", ("~", {}))
+    out = bench_mixers.run(mixers=("nope", "attention"), lengths=(32, 64), tokens=64, d_model=16, num_heads=2,
+                           warmup=1, repeats=1, max_memory_gb=1e-6, sse_sweep=False, speedup=False)
+    nope = out["mixers"]["nope"]
+    assert not nope["available"] and "not registered" in nope["reason"] and nope["time_slope"] is None
+    first, second = out["mixers"]["attention"]["points"]
+    assert "max_memory_gb" in first["skipped"] and first["memory"]["total_bytes"] > 0    # compiled, never run
+    assert "time_s" not in first
+    assert "shorter point already exceeded --max_memory_gb" in second["skipped"] and "memory" not in second
+    assert out["mixers"]["attention"]["time_slope"] is None
+
+
+def test_prediction_and_slope_helpers():
+    assert bench_mixers.fit_slope([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
+    assert bench_mixers.fit_slope([8], [1.0]) is None
+    pts = [{"length": 512, "time_s": 1.0}, {"length": 1024, "time_s": 2.0}]
+    assert bench_mixers.predict_seconds(pts, 4096) == pytest.approx(8.0)               # fitted slope 1
+    assert bench_mixers.predict_seconds(pts[:1], 2048) == pytest.approx(4.0)           # prior slope 1
+    assert bench_mixers.predict_seconds([], 2048) is None
+    bench = bench_mixers.Bench(tokens=64, d_model=16, num_heads=2, dtype="bfloat16", warmup=1, repeats=1,
+                               max_seconds=3.0, max_memory_gb=1.0)
+    rec = bench.point("attention", "A", {}, 4096, history=pts)                         # 8 s > 3 s: not compiled
+    assert "predicted 8.0 s" in rec["skipped"] and "memory" not in rec
