@@ -2,7 +2,9 @@
 
 ``moe_tiny`` (CPU): ``lm_tiny`` (4 x d128 attention blocks, SwiGLU 384) with blocks 1 and 3 made MoE layers of
 8 gated-MLP experts of width 192, top-2, capacity factor 1.25 per sequence: the same active MLP FLOPs as the
-dense block, 8/2 = 4x the MLP parameters there. Command (2 CPU cores):
+dense block, 8/2 = 4x the MLP parameters there. Command (2 CPU cores; measured, 200 steps: train loss 4.03 at
+step 10 -> 1.91 at step 200, eval 1.70 nats = 2.45 bits/byte; expert load max/mean 1.13 in both MoE blocks over 8
+eval batches, from ``sqattn.moe.expert_load``):
   python -m experiments.train --config=moe_tiny --config.num_steps=200 --workdir=/tmp/moe_tiny
 Expert parallelism on the 8 simulated CPU devices (the ``expert`` axis splits the experts and the batch):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.train --config=moe_tiny \
