@@ -13,7 +13,22 @@ the break point moves out as N grows; the Transformer copies at every L.
 
 Writes ``results.json`` (every run, the accuracy table, the largest L with >= 90% accuracy per row and
 the checks of the prediction) and ``results.png``; prints the table and the JSON. Resumable: a finished
-run (its ``result.json``) is skipped, an interrupted one resumes from its checkpoint.
+run (its ``result.json``) is skipped, an interrupted one resumes from its checkpoint, so a grid can be
+extended (e.g. by another L) with the same --workdir and --steps.
+
+Measured (2 CPU cores shared with other jobs, load average 7-20; seed 0; --steps=1000, i.e. 2/3 of the
+note's 1500; 16 runs, 73 min of run time in total: 2-10 min per Mamba-2 run, 0.3-2 min per Transformer run):
+
+  | model           | L=8    | L=16   | L=32   | L=64   | largest L >= 90% |
+  |-----------------|--------|--------|--------|--------|------------------|
+  | Mamba-2 N=4     | 62.2%  | 39.0%  | 25.8%  | 18.4%  | none             |
+  | Mamba-2 N=16    | 93.3%  | 79.1%  | 49.9%  | 25.1%  | 8                |
+  | Mamba-2 N=64    | 98.8%  | 93.1%  | 83.2%  | 68.8%  | 16               |
+  | Transformer     | 100%   | 100%   | 100%   | 100%   | >= 64            |
+
+As predicted: at fixed N accuracy falls with L, the largest copyable L grows with N (0 -> 8 -> 16 for
+N = 4 -> 16 -> 64), and the Transformer (26k params vs 15-24k) copies every L. Single seed, so +-few
+points per cell; the budget is below the note's, so absolute numbers are lower than its table.
 """
 
 from __future__ import annotations
@@ -194,7 +209,8 @@ def plot(summary: dict, records: Sequence[dict], path: str) -> str:
         ns = sorted({r["d_state"] for r in records if r["model"] == model})
         ax2.plot(ns, [summary["largest_L_ge_90"][row_label(model, n)] for n in ns], marker="o", label=model)
     if "transformer" in summary["largest_L_ge_90"]:
-        ax2.axhline(summary["largest_L_ge_90"]["transformer"], color="k", linestyle="--", label="transformer")
+        ax2.axhline(summary["largest_L_ge_90"]["transformer"], color="k", linestyle="--",
+                    label="transformer (at most the grid's largest L)")
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("SSM state size N (state per layer = 64 N floats)")
     ax2.set_ylabel("largest L with >= 90% accuracy")

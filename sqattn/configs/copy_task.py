@@ -22,7 +22,8 @@ Commands (2 shared CPU cores):
   python -m experiments.copy_task --workdir=/work/runs/copy_task        # the whole grid, JSON + PNG
 Registered names: copy_mamba2, copy_mamba, copy_transformer. Args: ``mixer=mamba2|mamba|transformer``,
 ``d_state``, ``copy_len`` (L), ``num_symbols``, ``steps``, ``seed``, ``runlocal``. The measured grid is in
-experiments/copy_task.py's docstring.
+experiments/copy_task.py's docstring (1000 steps: Mamba-2 N=16 copies 93% at L=8 but 50% at L=32; N=64
+83% at L=32; the Transformer 100% up to L=64).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif a.mixer == "mamba":
         c.model.block_pattern = "M"
         c.model.mixers.mamba = ml_collections.ConfigDict(dict(
-            d_state=a.d_state, expand=2, d_conv=4, dt_rank="auto", chunk_size=32, impl="auto"))
+            d_state=a.d_state, expand=2, d_conv=4, dt_rank="auto", chunk_size=8, impl="auto"))
     else:
         c.model.block_pattern = "A"
         c.model.mlp_dim = 85
