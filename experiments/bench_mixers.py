@@ -17,11 +17,12 @@ tokens, quadratic attention has slope ~1 and a linear-time mixer ~0.
 
 Skips (recorded with their reason, never silent): a mixer whose letter is not registered or whose constructor
 rejects its config; a point whose predicted time (extrapolated from the mixer's measured points with their
-fitted slope, or slope 1 from a single point) exceeds ``--max_seconds``; a point whose compiled memory exceeds
+fitted slope, or slope 1/2 from a single point) exceeds ``--max_seconds``; a point whose compiled memory exceeds
 ``--max_memory_gb`` (compiled, never run); every longer T once a call took more than ``--max_seconds``; every
 point started after ``--budget_s`` of wall time (default 300 s, so the default run ends in a few minutes on 2
 CPUs; compilation alone takes ~2-30 s per point there). The main sweep runs the shortest T of every mixer first,
-so the budget drops the longest lengths evenly; the sections run after it. ``--budget_s=0`` lifts the limit.
+so the budget drops the longest lengths evenly; it may use 2/3 of the budget when a section is on, the sections
+the rest. ``--budget_s=0`` lifts the limit.
 
 Extra sections: ``--sse_n_sweep`` (SSE sorted vs mask form as N = 2, 4, 8, 16 grows at K = 1, T =
 ``--sweep_length``) and ``--recurrent_speedup`` (chunked vs per-token recurrent form at T = ``--speedup_length``
@@ -82,7 +83,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (parameters stay float32).")
     flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.")
     flags.DEFINE_integer("repeats", 3, "Timed calls; the reported time is their median.")
-    flags.DEFINE_float("max_seconds", 10.0, "Skip points predicted to take longer per call than this.")
+    flags.DEFINE_float("max_seconds", 20.0, "Skip points predicted to take longer per call than this.")
     flags.DEFINE_float("max_memory_gb", 6.0, "Skip (without running) points whose compiled memory exceeds this.")
     flags.DEFINE_float("budget_s", 300.0, "Wall-time budget of the whole run; points started after it are "
                        "skipped with that reason (0: no limit). Compilation alone is ~2-30 s per point on 2 CPUs.")
@@ -213,14 +214,18 @@ def memory_record(compiled) -> dict:
     return out
 
 
+SINGLE_POINT_SLOPE = 0.5   # prior log-log slope from one point: between linear time (0) and attention (1)
+
+
 def predict_seconds(points: list[dict], length: float) -> float | None:
-    """Time at ``length`` extrapolated from measured points (their fitted slope, >= 0; slope 1 from one point)."""
+    """Time at ``length`` extrapolated from measured points: their fitted slope (>= 0), or ``SINGLE_POINT_SLOPE``
+    from a single point. A wrong guess costs one call: a call over the limit ends the series."""
     timed = [p for p in points if "time_s" in p]
     if not timed:
         return None
     last = max(timed, key=lambda p: p["length"])
     slope = fit_slope([p["length"] for p in timed], [p["time_s"] for p in timed])
-    slope = 1.0 if slope is None else max(slope, 0.0)
+    slope = SINGLE_POINT_SLOPE if slope is None else max(slope, 0.0)
     return last["time_s"] * (length / last["length"]) ** slope
 
 
@@ -366,7 +371,7 @@ def recurrent_speedup(bench: Bench, length: int, pairs: dict[str, tuple[str, str
 # ----------------------------------------------------------------------------------------------- driver
 def run(*, mixers: Sequence[str] = DEFAULT_MIXERS, lengths: Sequence[int] = (512, 1024, 2048, 4096, 8192, 16384),
         tokens: int = 16384, d_model: int = 256, num_heads: int = 4, dtype: str = "bfloat16", warmup: int = 1,
-        repeats: int = 3, max_seconds: float = 10.0, max_memory_gb: float = 6.0, budget_s: float = 0.0,
+        repeats: int = 3, max_seconds: float = 20.0, max_memory_gb: float = 6.0, budget_s: float = 0.0,
         sse_sweep: bool = True,
         sweep_length: int = 2048, speedup: bool = True, speedup_length: int = 4096,
         speedup_families: Sequence[str] = tuple(RECURRENT_PAIRS),
@@ -397,7 +402,10 @@ def run(*, mixers: Sequence[str] = DEFAULT_MIXERS, lengths: Sequence[int] = (512
                 "memory.total_bytes: compiled temp + argument + output bytes; slopes: polyfit(log T, log y, 1)",
         "mixers": {},
     }
+    if budget_s > 0 and (sse_sweep or speedup):   # keep a third of the budget for the sections
+        bench.deadline = time.perf_counter() + budget_s * 2 / 3
     record["mixers"] = main_sweep(bench, mixers, [int(t) for t in lengths])
+    bench.deadline = start + budget_s if budget_s > 0 else math.inf
     if sse_sweep:
         record["sse_n_sweep"] = sse_n_sweep(bench, sweep_length)
     if speedup:

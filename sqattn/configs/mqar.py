@@ -14,8 +14,13 @@ batch 32, fresh random sequences every step, SSE partition-balance aux loss 0.01
 sequences (32 batches of the eval stream); ``eval_accuracy`` is next-token accuracy at the query keys only
 (the LM task weights by the data's loss mask, which is 1 exactly at the query keys).
 
-Hardware / runtime / result: 2-core CPU shared with other jobs; see experiments/mqar.py's docstring and
-the table in /work/runs/mqar/results.json for measured times and accuracies.
+Hardware / runtime / result (measured 2026-11-29, one seed, a 2-core CPU shared with other jobs at load
+average 5-25): a train step takes 0.4-1.7 s (attention) to 1.5-3.5 s (GLA, SSE) at P=16 and ~2x/4x that at
+P=32/64, so 1000 steps cost 12-30 min per run at P=16 and the 15-run grid at 1000 steps many hours. At 1000
+steps every model is still near the start of learning: held-out query accuracy at P=16 attention 0.063,
+gla_softmax 0.065, gla_silu 0.170, sse_n4k1 0.145, sse_n8k2 0.188 (chance 1/128; guessing a stated value
+1/16); attention reaches 0.212 at 3000 steps. The note's expected direction (attention ~1.0, GLA dropping past
+P=32, SSE above GLA) needs much longer training than its 1500-2000-step estimate; not yet observed here.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def test_prediction_and_slope_helpers():
     assert bench_mixers.fit_slope([8], [1.0]) is None
     pts = [{"length": 512, "time_s": 1.0}, {"length": 1024, "time_s": 2.0}]
     assert bench_mixers.predict_seconds(pts, 4096) == pytest.approx(8.0)               # fitted slope 1
-    assert bench_mixers.predict_seconds(pts[:1], 2048) == pytest.approx(4.0)           # prior slope 1
+    assert bench_mixers.predict_seconds(pts[:1], 2048) == pytest.approx(2.0)           # prior slope 1/2
     assert bench_mixers.predict_seconds([], 2048) is None
     bench = bench_mixers.Bench(tokens=64, d_model=16, num_heads=2, dtype="bfloat16", warmup=1, repeats=1,
                                max_seconds=3.0, max_memory_gb=1.0)
