@@ -92,9 +92,11 @@ class Attention(nnx.Module):
         k = apply_rope(k, pos, self.theta)
         return q, k, v
 
-    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """``positions [b,t]``: RoPE positions (default: index within each segment); masks use slot order."""
         b, t, _ = x.shape
-        pos = positions_from_segments(segment_ids, b, t)
+        pos = positions_from_segments(segment_ids, b, t) if positions is None else positions
         q, k, v = self._qkv(x, pos)
         o = cad_lib.core_attention(q, k, v, segment_ids, self.cad) if self.cad is not None else None
         if o is None:

@@ -52,8 +52,9 @@ class Block(nnx.Module):
         self.norm2 = RMSNorm(d_model, eps=norm_eps) if mlp_dim else None
         self.mlp = SwiGLU(d_model, mlp_dim, rngs=rngs, dtype=dtype, out_scale=out_scale) if mlp_dim else None
 
-    def __call__(self, x, segment_ids=None):
-        x = x + self.mixer(self.norm1(x), segment_ids=segment_ids)
+    def __call__(self, x, segment_ids=None, positions=None):
+        kw = {} if positions is None else {"positions": positions}   # only position-aware mixers take it
+        x = x + self.mixer(self.norm1(x), segment_ids=segment_ids, **kw)
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
@@ -108,15 +109,35 @@ class LM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None):
         x = self.embed(tokens)                                           # [b,t,d]
+        x = self.hidden_states(x, segment_ids=segment_ids)[-1]
+        logits = self.logits(x)                                          # [b,t,V] f32
+        aux = {"aux_loss": _collect_aux_losses(self), "final_hidden": x}
+        return logits, aux
+
+    def hidden_states(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> list[jax.Array]:
+        """Runs the blocks on input embeddings ``x [b,t,d]``; returns every block's output (pre final norm).
+
+        ``positions [b,t]`` overrides the RoPE positions of position-aware mixers (attention; default: the
+        index within each packed segment), e.g. for models whose slots skip positions (HAMburger). Causality
+        stays by slot order.
+        """
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        out = []
         for block in self.blocks:
             if self.remat:
-                x = nnx.remat(lambda blk, h: blk(h, segment_ids))(block, x)
+                x = nnx.remat(lambda blk, h: blk(h, segment_ids, positions))(block, x)
             else:
-                x = block(x, segment_ids)
-        logits = self._logits(self.final_norm(x))                       # [b,t,V] f32
-        aux = {"aux_loss": _collect_aux_losses(self), "final_hidden": x}
-        return constrain(logits, ("act_batch", "act_seq", "act_vocab")), aux
+                x = block(x, segment_ids, positions)
+            out.append(x)
+        return out
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final norm and output head: hidden ``[..., d]`` -> logits ``[..., V]`` f32."""
+        logits = self._logits(self.final_norm(h))
+        if logits.ndim == 3:
+            logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+        return logits
 
     def _logits(self, h):
         if self.head is None:
