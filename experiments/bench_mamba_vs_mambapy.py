@@ -65,7 +65,7 @@ def _import_torch_side():
         import torch
         from mambapy.mamba import MambaBlock, MambaConfig
     except ImportError as e:
-        sys.exit(f"error: {e}.\n{INSTALL_HINT}")
+        raise ImportError(f"{e}.\n{INSTALL_HINT}") from e
     return torch, MambaBlock, MambaConfig
 
 
@@ -94,7 +94,13 @@ def _median_ms(times: list[float]) -> float:
     return 1000.0 * statistics.median(times)
 
 
-def bench(seq_len: int, impl: str) -> dict:
+def bench(seq_len: int, impl: str = "chunked", *, d_model: int = 128, d_state: int = 16, expand: int = 2,
+          d_conv: int = 4, batch: int = 4, chunk_size: int = 8, reps: int = 5, seed: int = 0) -> dict:
+    """One (T, impl) row: median fwd+bwd ms of ours and of mambapy on the same weights and inputs.
+
+    Raises:
+      ImportError: torch or mambapy is not installed (the message says how to install them).
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -103,16 +109,16 @@ def bench(seq_len: int, impl: str) -> dict:
     from sqattn.mixers.mamba import Mamba
 
     torch, MambaBlock, MambaConfig = _import_torch_side()
-    torch.manual_seed(FLAGS.seed)
-    cfg = MambaConfig(d_model=FLAGS.d_model, n_layers=1, d_state=FLAGS.d_state, expand_factor=FLAGS.expand,
-                      d_conv=FLAGS.d_conv, pscan=True)
+    torch.manual_seed(seed)
+    cfg = MambaConfig(d_model=d_model, n_layers=1, d_state=d_state, expand_factor=expand,
+                      d_conv=d_conv, pscan=True)
     theirs = MambaBlock(cfg).float()
-    ours = Mamba(FLAGS.d_model, rngs=nnx.Rngs(FLAGS.seed), d_state=FLAGS.d_state, expand=FLAGS.expand,
-                 d_conv=FLAGS.d_conv, dt_rank=cfg.dt_rank, chunk_size=FLAGS.chunk_size, impl=impl)
+    ours = Mamba(d_model, rngs=nnx.Rngs(seed), d_state=d_state, expand=expand,
+                 d_conv=d_conv, dt_rank=cfg.dt_rank, chunk_size=chunk_size, impl=impl)
     copy_weights(ours, theirs)
 
-    rng = np.random.default_rng(FLAGS.seed)
-    shape = (FLAGS.batch, seq_len, FLAGS.d_model)
+    rng = np.random.default_rng(seed)
+    shape = (batch, seq_len, d_model)
     x_np = rng.standard_normal(shape).astype(np.float32)
     g_np = rng.standard_normal(shape).astype(np.float32)  # output cotangent
 
@@ -160,7 +166,7 @@ def bench(seq_len: int, impl: str) -> dict:
     run_theirs()
     run_theirs()
     ours_t, theirs_t = [], []
-    for _ in range(FLAGS.reps):
+    for _ in range(reps):
         ours_t.append(run_ours())
         theirs_t.append(run_theirs())
     ours_ms, theirs_ms = _median_ms(ours_t), _median_ms(theirs_t)
@@ -172,12 +178,17 @@ def bench(seq_len: int, impl: str) -> dict:
 
 def main(argv):
     del argv
-    torch, _, _ = _import_torch_side()
+    try:
+        torch, _, _ = _import_torch_side()
+    except ImportError as e:
+        sys.exit(f"error: {e}")
     import jax
     import mambapy
     threads = FLAGS.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    rows = [bench(int(t), impl) for t in FLAGS.seq_lens for impl in FLAGS.impls]
+    kw = dict(d_model=FLAGS.d_model, d_state=FLAGS.d_state, expand=FLAGS.expand, d_conv=FLAGS.d_conv,
+              batch=FLAGS.batch, chunk_size=FLAGS.chunk_size, reps=FLAGS.reps, seed=FLAGS.seed)
+    rows = [bench(int(t), impl, **kw) for t in FLAGS.seq_lens for impl in FLAGS.impls]
     try:
         load = os.getloadavg()
     except OSError:

@@ -13,7 +13,8 @@ compiled ahead of time; ``memory`` is the compiled executable's ``memory_analysi
 bytes: deterministic for a given shape and XLA version, and reported per component), ``time_s`` the median of
 ``--repeats`` calls after ``--warmup`` calls, each synchronised with ``block_until_ready``. Per mixer the log-log
 slopes of time and memory vs T come from ``numpy.polyfit(log T, log y, 1)`` over the measured points; at fixed
-tokens, quadratic attention has slope ~1 and a linear-time mixer ~0.
+tokens, quadratic attention has slope ~1 and a linear-time mixer ~0; ``time_per_seq_slope`` fits the time of one
+sequence (batch time / batch) instead: ~2 for attention, ~1 for a linear-time mixer.
 
 Skips (recorded with their reason, never silent): a mixer whose letter is not registered or whose constructor
 rejects its config; a point whose predicted time (extrapolated from the mixer's measured points with their
@@ -25,7 +26,8 @@ so the budget drops the longest lengths evenly; it may use 2/3 of the budget whe
 the rest. ``--budget_s=0`` lifts the limit.
 
 Extra sections: ``--sse_n_sweep`` (SSE sorted vs mask form as N = 2, 4, 8, 16 grows at K = 1, T =
-``--sweep_length``) and ``--recurrent_speedup`` (chunked vs per-token recurrent form at T = ``--speedup_length``
+``--sweep_length``), ``--mambapy_lengths`` (our Mamba vs the PyTorch package ``mambapy``, same weights, when torch
+is installed) and ``--recurrent_speedup`` (chunked vs per-token recurrent form at T = ``--speedup_length``
 for gla, mamba and mamba2 when registered). Times are wall-clock on a shared machine: the JSON carries the load
 average at start and end (``load_avg``), so compare numbers only within one run.
 
@@ -91,6 +93,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("sweep_length", 2048, "T of the SSE N sweep.")
     flags.DEFINE_bool("recurrent_speedup", True, "Also time chunked vs recurrent forms at T=--speedup_length.")
     flags.DEFINE_integer("speedup_length", 4096, "T of the chunked-vs-recurrent comparison.")
+    flags.DEFINE_list("mambapy_lengths", ["256", "1024"], "T of the ours-vs-mambapy (PyTorch) Mamba section, "
+                      "d_model 128, batch 4, f32 (empty: skip; skipped with a hint when torch is absent).")
     flags.DEFINE_string("workdir", None, "If set, write bench_mixers.json and bench_mixers.png there.")
     flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "sqattn-jax-bench"),
                         "Persistent XLA compilation cache directory ('' disables).")
@@ -301,7 +305,7 @@ def main_sweep(bench: Bench, names: Sequence[str], lengths: Sequence[int]) -> di
             mixer, full_cfg = build_mixer(letter, cfg, bench.d_model, bench.num_heads, bench.dtype)
         except Unavailable as e:
             out[name] = dict(letter=letter, cfg=cfg, available=False, reason=str(e), points=[],
-                             time_slope=None, memory_slope=None)
+                             time_slope=None, time_per_seq_slope=None, memory_slope=None)
             continue
         out[name] = dict(letter=letter, cfg=full_cfg, available=True, params=param_count(mixer), points=[])
     for length in sorted(lengths):
@@ -313,6 +317,9 @@ def main_sweep(bench: Bench, names: Sequence[str], lengths: Sequence[int]) -> di
             timed = [p for p in m["points"] if "time_s" in p]
             sized = [p for p in m["points"] if "memory" in p]
             m["time_slope"] = fit_slope([p["length"] for p in timed], [p["time_s"] for p in timed])
+            # time of one sequence (= batch time / batch): ~1 for a linear-time mixer, ~2 for attention
+            m["time_per_seq_slope"] = fit_slope([p["length"] for p in timed],
+                                                [p["time_s"] / p["batch"] for p in timed])
             m["memory_slope"] = fit_slope([p["length"] for p in sized],
                                           [p["memory"]["total_bytes"] for p in sized])
     return out
@@ -368,6 +375,23 @@ def recurrent_speedup(bench: Bench, length: int, pairs: dict[str, tuple[str, str
     return out
 
 
+def mambapy_section(lengths: Sequence[int], *, d_model: int = 128, batch: int = 4, reps: int = 5) -> dict:
+    """Our Mamba (S6) mixer against the PyTorch package ``mambapy`` on the same weights and inputs
+    (``experiments.bench_mamba_vs_mambapy.bench``: f32, forward + backward, median of alternating calls).
+    ``speedup`` = mambapy_ms / ours_ms (> 1: ours is faster). Skipped, with the install hint, without torch."""
+    from experiments import bench_mamba_vs_mambapy as mp
+    out: dict[str, Any] = {"d_model": d_model, "batch": batch, "reps": reps}
+    try:
+        torch, _, _ = mp._import_torch_side()
+    except ImportError as e:
+        return dict(out, available=False, reason=str(e), rows=[])
+    torch.set_num_threads(os.cpu_count() or 1)
+    out["torch_threads"] = torch.get_num_threads()
+    out["rows"] = [mp.bench(int(t), "chunked", d_model=d_model, batch=batch, reps=reps) for t in lengths]
+    out["available"] = True
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- driver
 def run(*, mixers: Sequence[str] = DEFAULT_MIXERS, lengths: Sequence[int] = (512, 1024, 2048, 4096, 8192, 16384),
         tokens: int = 16384, d_model: int = 256, num_heads: int = 4, dtype: str = "bfloat16", warmup: int = 1,
@@ -375,6 +399,7 @@ def run(*, mixers: Sequence[str] = DEFAULT_MIXERS, lengths: Sequence[int] = (512
         sse_sweep: bool = True,
         sweep_length: int = 2048, speedup: bool = True, speedup_length: int = 4096,
         speedup_families: Sequence[str] = tuple(RECURRENT_PAIRS),
+        mambapy_lengths: Sequence[int] = (),
         log: Callable[[str], None] = lambda s: None) -> dict:
     """Runs the benchmark and returns the JSON-able record (see the module docstring)."""
     import flax
@@ -411,6 +436,9 @@ def run(*, mixers: Sequence[str] = DEFAULT_MIXERS, lengths: Sequence[int] = (512
     if speedup:
         record["recurrent_speedup"] = recurrent_speedup(bench, speedup_length,
                                                         {f: RECURRENT_PAIRS[f] for f in speedup_families})
+    if mambapy_lengths:
+        log(f"mambapy section: T = {list(mambapy_lengths)}")
+        record["mambapy"] = mambapy_section(mambapy_lengths)
     record["load_avg"] = {"start": list(load_start), "end": list(os.getloadavg()), "cpu_count": os.cpu_count(),
                           "note": "1/5/15-minute load averages; above cpu_count, other jobs shared the CPU "
                                   "and times are inflated and noisy"}
@@ -421,7 +449,7 @@ def run(*, mixers: Sequence[str] = DEFAULT_MIXERS, lengths: Sequence[int] = (512
 def summary_table(record: dict) -> str:
     """A plain-text table: one row per mixer, time (ms) and memory (MiB) per T, then the slopes."""
     lengths = record["settings"]["lengths"]
-    head = f"{'mixer':>16s} | " + " ".join(f"{t:>9d}" for t in lengths) + " | slope_t slope_m"
+    head = f"{'mixer':>16s} | " + " ".join(f"{t:>9d}" for t in lengths) + " | slope_t seq_t slope_m"
     lines = [f"time ms / memory MiB at fixed {record['settings']['tokens']} tokens", head, "-" * len(head)]
     for name, m in record["mixers"].items():
         by_t = {p["length"]: p for p in m.get("points", [])}
@@ -431,8 +459,9 @@ def summary_table(record: dict) -> str:
             cells_t.append(f"{p['time_s'] * 1e3:9.1f}" if "time_s" in p else f"{'-':>9s}")
             cells_m.append(f"{p['memory']['total_bytes'] / 2**20:9.1f}" if "memory" in p else f"{'-':>9s}")
         st = "  n/a " if m.get("time_slope") is None else f"{m['time_slope']:6.2f}"
+        sq = " n/a " if m.get("time_per_seq_slope") is None else f"{m['time_per_seq_slope']:5.2f}"
         sm = "  n/a " if m.get("memory_slope") is None else f"{m['memory_slope']:6.2f}"
-        lines.append(f"{name:>16s} | " + " ".join(cells_t) + f" | {st}  {sm}")
+        lines.append(f"{name:>16s} | " + " ".join(cells_t) + f" | {st} {sq}  {sm}")
         lines.append(f"{'':>16s} | " + " ".join(cells_m) + " |")
     return "\n".join(lines)
 
@@ -495,6 +524,7 @@ def main(argv):
                      max_seconds=FLAGS.max_seconds, max_memory_gb=FLAGS.max_memory_gb, budget_s=FLAGS.budget_s,
                      sse_sweep=FLAGS.sse_n_sweep, sweep_length=FLAGS.sweep_length,
                      speedup=FLAGS.recurrent_speedup, speedup_length=FLAGS.speedup_length,
+                     mambapy_lengths=[int(t) for t in FLAGS.mambapy_lengths],
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as e:
         sys.exit(f"error: {e}")

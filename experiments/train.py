@@ -1,6 +1,6 @@
 """Train any registered config.
 
-  python -m experiments.train                                  # default: the tiny LM on local text
+  python -m experiments.train                                  # default: sse_h_tiny (SSE-H byte LM, local text)
   python -m experiments.train --config=lm_tiny --config.num_steps=100 --workdir=/tmp/run
   python -m experiments.train --config=lm_tiny --dry_run        # sizes, memory, FLOPs; allocates nothing
 
@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags
 
-DEFAULT_CONFIG = "lm_tiny"
+DEFAULT_CONFIG = "sse_h_tiny"  # the flagship: SSE-H, 3 SSE layers + 1 attention, byte LM on local text
 
 
 def define_flags() -> None:

@@ -42,6 +42,8 @@ def test_slopes_are_fitted_on_the_recorded_points(record):
         expect_t = np.polyfit(t, np.log([p["time_s"] for p in m["points"]]), 1)[0]
         expect_m = np.polyfit(t, np.log([p["memory"]["total_bytes"] for p in m["points"]]), 1)[0]
         assert m["time_slope"] == pytest.approx(expect_t, rel=1e-9)
+        per_seq = np.polyfit(t, np.log([p["time_s"] / p["batch"] for p in m["points"]]), 1)[0]
+        assert m["time_per_seq_slope"] == pytest.approx(per_seq, rel=1e-9)
         assert m["memory_slope"] == pytest.approx(expect_m, rel=1e-9)
     # attention's scores grow with T at fixed tokens (b T^2 = tokens T): its memory must grow, GLA's much less
     assert record["mixers"]["attention"]["memory_slope"] > record["mixers"]["gla"]["memory_slope"]
@@ -87,3 +89,15 @@ def test_prediction_and_slope_helpers():
                                max_seconds=3.0, max_memory_gb=1.0)
     rec = bench.point("attention", "A", {}, 4096, history=pts)                         # 8 s > 3 s: not compiled
     assert "predicted 8.0 s" in rec["skipped"] and "memory" not in rec
+
+
+def test_mambapy_section_same_weights_or_skip_reason():
+    sec = bench_mixers.mambapy_section([16], d_model=16, batch=1, reps=1)
+    if not sec["available"]:   # torch / mambapy are optional: the reason carries the install hint
+        assert "pip install" in sec["reason"] and sec["rows"] == []
+        return
+    (row,) = sec["rows"]
+    assert row["seq_len"] == 16 and row["ours_ms"] > 0 and row["mambapy_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["mambapy_ms"] / row["ours_ms"])
+    # same weights and inputs on both sides: the outputs agree (f32)
+    assert row["max_abs_diff"] <= 1e-4 * max(1.0, row["output_max_abs"])

@@ -1,0 +1,45 @@
+"""Linearisation experiment end to end on a tiny budget: teacher trained then reused, variants fine-tuned,
+merged and evaluated, results.json / linearize.png written, finished variants not rerun."""
+
+import json
+import os
+
+import pytest
+
+from experiments import linearize
+
+
+def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "lin")
+    kw = dict(teacher_config_name="lm_tiny:runlocal", teacher_steps=2, teacher_seq_len=32, steps=3,
+              variants=["liger", "fresh_gate"], window=4, eval_lengths=[32, 64], eval_tokens=512, batch_size=8,
+              chunk_size=16, progress=False)
+    out = linearize.run(workdir, **kw)
+    with open(os.path.join(workdir, "results.json")) as f:
+        saved = json.load(f)
+    assert os.path.getsize(os.path.join(workdir, "linearize.png")) > 1000
+    assert set(saved) == {"settings", "teacher", "variants", "table", "delta_vs_teacher", "plot"}
+    assert saved["teacher"]["trained_here"] and saved["teacher"]["steps"] == 2
+    assert set(saved["table"]) == {"teacher", "liger", "fresh_gate"}
+    for name, rec in saved["variants"].items():
+        assert set(rec["bpb"]) == {"32", "64"} and all(0.0 < v < 9.0 for v in rec["bpb"].values())
+        assert rec["block_pattern"] == "LL" and rec["lora_paths"] == 6 and rec["finetune"]["steps"] == 3
+        assert rec["merge_check"]["ok"], rec["merge_check"]
+        assert saved["delta_vs_teacher"][name]["32"] == pytest.approx(rec["bpb"]["32"] - saved["teacher"]["bpb"]["32"])
+    fresh, liger = saved["variants"]["fresh_gate"], saved["variants"]["liger"]
+    assert fresh["new_params"] == ["blocks/0/mixer/gate/kernel", "blocks/1/mixer/gate/kernel"]
+    d = 64                                                               # lm_tiny:runlocal d_model
+    assert fresh["trainable_params"] == liger["trainable_params"] + 2 * d * d // 2   # + the gate (g*hd = d/2)
+    assert "| liger |" in linearize.format_table(out)
+    # Rerun: the teacher is loaded (not retrained) and finished variants are read back.
+    monkeypatch.setattr("sqattn.train.train_and_evaluate", lambda *a, **k: pytest.fail("teacher retrained"))
+    monkeypatch.setattr(linearize, "run_variant", lambda *a, **k: pytest.fail("variant rerun"))
+    again = linearize.run(workdir, **kw)
+    assert not again["teacher"]["trained_here"]
+    assert again["variants"] == out["variants"]
+    assert again["teacher"]["bpb"] == pytest.approx(out["teacher"]["bpb"])
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown variant 'hedgehog'"):
+        linearize.run("/nonexistent", variants=["hedgehog"])
