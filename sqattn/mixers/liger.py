@@ -33,6 +33,7 @@ from kernels.gla import gla, gla_step
 from sqattn import mixers
 from sqattn.layers import Dense, RMSNorm, apply_rope, positions_from_segments
 from sqattn.mixers.attention import attention_mask, dot_product_attention
+from sqattn.parallel.sharding import constrain
 
 GATES = ("gla", "mamba2", "fresh", "none")
 
@@ -71,6 +72,9 @@ class LigerAttention(nnx.Module):
       gate: "gla" | "mamba2" | "fresh" | "none" (see the module docstring).  gate_temperature: GLA's 1/16.
       recurrent: False = no GRM branch.  mix: GRM weight (SWA gets 1 - mix) when both branches run.
       chunk_size, impl: passed to ``kernels.gla``.
+
+    With ``qk_norm`` the feature maps and the SWA branch see the normalised q/k (what the teacher attends
+    with) and the gate sees the raw key projection ``x W_K`` (liger.md §3.2: ``G_t = f(x_t W_K)``).
     """
 
     def __init__(self, d_model: int, *, rngs: nnx.Rngs, dtype=jnp.float32, num_heads: int = 4,
@@ -160,7 +164,8 @@ class LigerAttention(nnx.Module):
                          chunk_size=self.chunk_size, impl=self.impl)                  # [b,t,h,k] f32
         if self.window > 0:
             pos = positions_from_segments(segment_ids, b, t) if positions is None else positions
-            q_rot, k_rot = apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta)
+            q_rot = constrain(apply_rope(q, pos, self.theta), ("act_batch", "act_seq", "act_heads", None))
+            k_rot = apply_rope(k, pos, self.theta)
             idx = jnp.broadcast_to(jnp.arange(t), (b, t))
             mask = attention_mask(idx, idx, window=self.window, q_seg=segment_ids, k_seg=segment_ids)
             swa = dot_product_attention(q_rot, k_rot, v, mask)                         # [b,t,h,k]

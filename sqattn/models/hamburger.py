@@ -237,7 +237,7 @@ class MicroStepDecoder(nnx.Module):
         x = jnp.concatenate([taps, token_emb.astype(taps.dtype)], axis=1)       # [N, n+s-1, D]
         for blk in self.blocks:
             x = blk(x)
-        out = self.norm(x[:, self.num_taps - 1:-1])                                    # [N, s-1, D]
+        out = self.norm(x[:, self.num_taps:])                                    # [N, s-1, D]
         return jnp.concatenate([taps[:, -1:], out.astype(taps.dtype)], axis=1)   # [N, s, D]
 
 

@@ -58,7 +58,7 @@ def resolve_exchange(exchange: str, target: str | None = None) -> str:
 
 def active_mesh():
     """``(mesh, rules)`` of the enclosing ``sharding.activation_sharding`` context, or ``(None, None)``."""
-    ctx = getattr(sharding._ACTIVE, "ctx", None)  # noqa: SLF001 -- no public accessor yet
+    ctx = sharding.active_sharding()
     return ctx if ctx is not None else (None, None)
 
 

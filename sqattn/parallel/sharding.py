@@ -150,6 +150,11 @@ def activation_sharding(mesh, rules):
         _ACTIVE.ctx = prev
 
 
+def active_sharding() -> tuple | None:
+    """``(mesh, rules)`` of the innermost enclosing ``activation_sharding`` context, or ``None`` outside one."""
+    return getattr(_ACTIVE, "ctx", None)
+
+
 def constrain(x, axes: Sequence[str | None]):
     """``with_sharding_constraint`` by logical names; a no-op outside ``activation_sharding``."""
     ctx = getattr(_ACTIVE, "ctx", None)

@@ -14,9 +14,17 @@ def lr_schedule(o, num_steps: int) -> optax.Schedule:
         end_value=o.lr * o.min_lr_ratio)
 
 
+# Parameters that are never decayed whatever their rank: SSM dynamics (Mamba's A_log is [D_in, N] in S6; decaying
+# it pulls every decay rate towards exp(0) = 1 step), as in the Mamba reference code's ``_no_weight_decay``.
+NO_DECAY_NAMES = frozenset({"A_log", "D", "dt_bias"})
+
+
 def decay_mask(params):
-    """Weight decay on matrices only (not norms, biases, per-channel vectors)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices only (not norms, biases, per-channel vectors) and never on ``NO_DECAY_NAMES``."""
+    def keep(path, p):
+        names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+        return p.ndim >= 2 and not (names & NO_DECAY_NAMES)
+    return jax.tree_util.tree_map_with_path(keep, params)
 
 
 def make_optimizer(o, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

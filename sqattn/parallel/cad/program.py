@@ -253,9 +253,7 @@ def graph_plan_caps(length: int, config: CADConfig) -> tuple[int, tuple[int, int
 
 
 def _active_sharding():
-    # sharding.py keeps the active (mesh, rules) of `activation_sharding` in a thread-local; it has no
-    # public getter yet.
-    return getattr(sharding._ACTIVE, "ctx", None)  # noqa: SLF001
+    return sharding.active_sharding()
 
 
 def core_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,

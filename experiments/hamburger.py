@@ -1,0 +1,435 @@
+"""HAMburger small-scale reproduction (papers/hamburger.md, "Small-scale reproduction").
+
+Pipeline: a byte-level base LM (``lm_tiny`` shrunk to ``--base_d_model``/``--base_layers``; trained in
+``--base_workdir`` unless it already holds a checkpoint) -> entropies of the frozen base on held-in text ->
+``decreasing_v2`` segmentation (mean group size = oracle KV compression) -> graft the compositional embedder,
+micro-step decoder and stop head, fine-tune all weights (AdamW, lr 5e-4 base / 1e-3 grafted, cosine, clip 1)
+with CE + 0.5 BCE(stop) -> evaluate on held-out text:
+  (a) teacher-forced NLL per response token (oracle segmentation) vs the frozen base's NLL on the same tokens;
+  (b) per-micro-step accuracy, next to the base's accuracy on the tokens at the same micro index;
+  (c) greedy generation from ``--num_prompts`` prompts at each confidence c: KV compression (tokens / macro
+      steps = base forwards), agreement with the frozen base's greedy continuation (position-wise and common
+      prefix), the rate at which an emitted token is the frozen base's argmax given the emitted prefix, and the
+      frozen base's NLL of the emitted text. The fine-tuned base's own greedy decoding (c = 1, one token per
+      macro step) is reported as a reference row.
+
+  python -m experiments.hamburger --workdir=/work/runs/hamburger
+  python -m experiments.hamburger --workdir=/tmp/ham_smoke --base_steps=20 --steps=20 --num_prompts=4
+
+Writes ``<workdir>/results.json`` and ``<workdir>/hamburger.png``; prints one JSON line. Wall-clock speed is
+not meaningful at this size (the grafted modules dominate); base forwards per token is the metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+log = logging.getLogger("sqattn.hamburger")
+
+RESULT_KEYS = ("settings", "base", "oracle_compression", "finetune", "teacher_forced", "generation",
+               "reference", "plot", "wall_s")
+
+
+def define_flags() -> None:
+    """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
+    flags.DEFINE_string("workdir", "/tmp/sqattn/hamburger", "Output directory (results.json, hamburger.png).")
+    flags.DEFINE_string("base_workdir", "", "Base LM run directory; '' = <workdir>/base. Trained there unless it "
+                        "holds a checkpoint.")
+    flags.DEFINE_integer("base_steps", 500, "Training steps of the base LM (when it is trained here).")
+    flags.DEFINE_integer("base_d_model", 64, "Base LM width (lm_tiny override).")
+    flags.DEFINE_integer("base_layers", 4, "Base LM depth (lm_tiny override).")
+    flags.DEFINE_integer("seq_len", 128, "Bytes per text row (base training and fine-tuning).")
+    flags.DEFINE_integer("batch_size", 16, "Rows per step (base training and fine-tuning).")
+    flags.DEFINE_integer("steps", 500, "Fine-tuning steps of the HAMburger model.")
+    flags.DEFINE_integer("train_prompt_len", 16, "Unmerged prompt bytes per fine-tuning row (the rest is response).")
+    flags.DEFINE_integer("s_max", 4, "Most tokens per macro step.")
+    flags.DEFINE_integer("micro_layers", 1, "Layers of the micro-step decoder.")
+    flags.DEFINE_list("confidences", ["0.5", "0.7", "0.9"], "Confidence levels c of generation.")
+    flags.DEFINE_integer("num_prompts", 50, "Generation prompts (held-out text).")
+    flags.DEFINE_integer("prompt_len", 32, "Bytes per generation prompt.")
+    flags.DEFINE_integer("new_tokens", 96, "Bytes generated per prompt.")
+    flags.DEFINE_integer("eval_batches", 8, "Held-out batches for the teacher-forced evaluation.")
+    flags.DEFINE_integer("seed", 0, "Seed of the grafted modules and the fine-tuning data stream.")
+    flags.DEFINE_bool("progress", True, "Progress bars.")
+
+
+# ----------------------------------------------------------------------------------------------- base model
+def base_config(*, steps: int, d_model: int, layers: int, seq_len: int, batch_size: int, seed: int = 0):
+    """``lm_tiny`` with the sizes of the note's small-scale plan (d 64, 4 blocks, T 128, B 16)."""
+    from sqattn import configs
+    cfg = configs.get("lm_tiny")
+    cfg.num_steps = steps
+    cfg.seed = seed
+    cfg.batch_size = batch_size
+    cfg.data.seq_len = seq_len
+    cfg.model.d_model = d_model
+    cfg.model.num_layers = layers
+    cfg.model.mlp_dim = 3 * d_model
+    cfg.model.mixers.attention.num_heads = max(1, d_model // 16)
+    cfg.model.mixers.attention.num_kv_heads = max(1, d_model // 32)
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps // 10, 1))
+    cfg.eval_every = 0
+    cfg.eval_batches = 4
+    cfg.log_every = max(1, min(10, steps))
+    cfg.checkpoint_every = steps
+    cfg.mesh.fsdp = 1                      # one device: the model is tiny
+    return cfg
+
+
+def get_base(base_workdir: str, cfg, *, progress: bool = True) -> tuple[Any, Any, dict]:
+    """Loads the base LM from ``base_workdir`` if it holds a checkpoint, else trains it there first."""
+    from sqattn import sample
+    from sqattn.train import train_and_evaluate
+    info: dict[str, Any] = {"workdir": base_workdir}
+    try:
+        model, config = sample.load_model(base_workdir)
+        info["trained_here"] = False
+    except FileNotFoundError:
+        t0 = time.perf_counter()
+        out = train_and_evaluate(cfg, base_workdir, progress=progress)
+        info.update(trained_here=True, train_wall_s=time.perf_counter() - t0, final_loss=float(out["loss"]),
+                    eval_loss=float(out["eval_loss"]), eval_bits_per_byte=float(out["eval_bits_per_byte"]))
+        model, config = sample.load_model(base_workdir)
+    info.update(d_model=int(config.model.d_model), num_layers=int(config.model.num_layers),
+                dtype=str(config.model.dtype), steps=int(config.num_steps))
+    return model, config, info
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def make_base_stats(base):
+    """Jitted ``tokens [b, n] -> (entropy [b, n], nll [b, n-1], correct [b, n-1])`` of the frozen base.
+
+    ``entropy[:, t]`` is the entropy of the prediction made at position t (for token t+1); ``nll[:, t]`` and
+    ``correct[:, t]`` score token t+1.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    graphdef, state = nnx.split(base)
+
+    @jax.jit
+    def stats(tokens):
+        logits, _ = nnx.merge(graphdef, state)(tokens)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)        # [b,n,V]
+        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        nll = -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+        correct = jnp.argmax(logp[:, :-1], axis=-1) == tokens[:, 1:]
+        return entropy, nll, correct
+
+    return lambda tokens: tuple(np.asarray(x) for x in jax.device_get(stats(jnp.asarray(tokens, jnp.int32))))
+
+
+def segment_rows(entropy: np.ndarray, prompt_len: int, s_max: int) -> list[np.ndarray]:
+    """decreasing_v2 group lengths of each row's response (tokens ``prompt_len ..``), from the base entropies."""
+    from sqattn.models.hamburger import segment_decreasing_v2
+    n = entropy.shape[1]
+    return [segment_decreasing_v2(h[prompt_len - 1:n - 1], s_max=s_max) for h in entropy]
+
+
+def micro_index(lens: Sequence[int]) -> np.ndarray:
+    """Index of each response token within its group: [2, 1, 3] -> [0, 1, 0, 0, 1, 2]."""
+    return np.concatenate([np.arange(s) for s in lens]) if len(lens) else np.zeros((0,), int)
+
+
+def make_optimizer(params, steps: int, *, lr_base: float = 5e-4, lr_grafted: float = 1e-3):
+    """AdamW per parameter group (base / grafted), warmup + cosine to 10%, global-norm clip 1.0."""
+    import jax
+    import optax
+    from sqattn.train.optim import decay_mask
+    warmup = min(50, max(steps // 10, 1))
+
+    def adamw(lr):
+        sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
+        return optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.1, mask=decay_mask)
+
+    labels = jax.tree_util.tree_map_with_path(lambda path, _: "base" if path[0].key == "base" else "grafted",
+                                              params)
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.multi_transform({"base": adamw(lr_base), "grafted": adamw(lr_grafted)}, labels))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+def finetune(ham, base_stats, train_ds, *, steps: int, prompt_len: int, seed: int, progress: bool = True):
+    """Fine-tunes every weight of ``ham`` with its loss; returns (trained ham, curve, oracle compression)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from sqattn.models import hamburger as hb
+    graphdef, params = nnx.split(ham)
+    tx = make_optimizer(params, steps)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, batch):
+        def f(p):
+            return nnx.merge(graphdef, p).loss(batch)
+        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, dict(metrics, loss=loss)
+
+    curve, tokens, groups = [], 0, 0
+    bar = _progress(steps, "fine-tune", progress)
+    offset = 1_000_003 * (seed + 1)       # held-in windows other than the base's own training steps
+    for step in range(steps):
+        toks = train_ds.batch(offset + step)["inputs"]
+        lens = segment_rows(base_stats(toks)[0], prompt_len, ham.s_max)
+        tokens += sum(int(x.sum()) for x in lens)
+        groups += sum(len(x) for x in lens)
+        batch = {k: jnp.asarray(v) for k, v in hb.layout_batch(toks, prompt_len, lens, s_max=ham.s_max).items()}
+        params, opt_state, m = train_step(params, opt_state, batch)
+        if step % 25 == 0 or step == steps - 1:
+            m = jax.device_get(m)
+            rec = {"step": step + 1, **{k: float(m[k]) for k in ("loss", "ce", "bce", "accuracy")}}
+            curve.append(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return nnx.merge(graphdef, params), curve, tokens / max(groups, 1)
+
+
+def teacher_forced_eval(ham, base_stats, eval_ds, *, batches: int, prompt_len: int) -> dict[str, Any]:
+    """HAMburger NLL / per-micro-step accuracy on held-out text (oracle segmentation) vs the frozen base."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from sqattn.models import hamburger as hb
+    graphdef, params = nnx.split(ham)
+    s = ham.s_max
+    loss_fn = jax.jit(lambda p, b: nnx.merge(graphdef, p).loss(b)[1])
+    sums = dict(ce=0.0, weight=0.0, stop=0.0, groups=0)
+    step_correct, step_w = np.zeros(s), np.zeros(s)
+    base_nll, base_correct_step, base_w_step = 0.0, np.zeros(s), np.zeros(s)
+    for i in range(batches):
+        toks = eval_ds.batch(i)["inputs"]
+        entropy, nll, correct = base_stats(toks)
+        lens = segment_rows(entropy, prompt_len, s)
+        batch = {k: jnp.asarray(v) for k, v in hb.layout_batch(toks, prompt_len, lens, s_max=s).items()}
+        m = jax.device_get(loss_fn(params, batch))
+        w = float(m["weight"])
+        sums["ce"] += float(m["ce"]) * w
+        sums["stop"] += float(m["stop_accuracy"]) * w
+        sums["weight"] += w
+        sums["groups"] += sum(len(x) for x in lens)
+        step_correct += np.asarray(m["step_accuracy"]) * np.asarray(m["step_weight"])
+        step_w += np.asarray(m["step_weight"])
+        base_nll += float(nll[:, prompt_len - 1:].sum())
+        for row, g in enumerate(lens):                   # base accuracy on the tokens at each micro index
+            idx = micro_index(g)
+            c = correct[row, prompt_len - 1:]
+            for j in range(s):
+                base_correct_step[j] += c[idx == j].sum()
+                base_w_step[j] += (idx == j).sum()
+    w = max(sums["weight"], 1.0)
+    return {
+        "tokens": int(sums["weight"]),
+        "ham_nll": sums["ce"] / w, "base_nll": base_nll / w,
+        "ham_bits_per_byte": sums["ce"] / w / math.log(2), "base_bits_per_byte": base_nll / w / math.log(2),
+        "ham_step_accuracy": (step_correct / np.maximum(step_w, 1)).tolist(),
+        "base_step_accuracy": (base_correct_step / np.maximum(base_w_step, 1)).tolist(),
+        "step_tokens": step_w.astype(int).tolist(),
+        "stop_accuracy": sums["stop"] / w,
+        "oracle_compression": sums["weight"] / max(sums["groups"], 1),
+    }
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    diff = np.nonzero(a != b)[0]
+    return int(diff[0]) if diff.size else int(a.size)
+
+
+def score_continuations(base_stats, prompts: np.ndarray, conts: np.ndarray, reference: np.ndarray) -> dict:
+    """Agreement of ``conts [k, m]`` with ``reference [k, m]`` and the frozen base's view of ``conts``."""
+    _, nll, correct = base_stats(np.concatenate([prompts, conts], axis=1))
+    p = prompts.shape[1]
+    return {
+        "agreement": float(np.mean(conts == reference)),
+        "prefix_agreement": float(np.mean([_common_prefix(c, r) for c, r in zip(conts, reference)])
+                                  / conts.shape[1]),
+        "base_argmax_rate": float(np.mean(correct[:, p - 1:])),
+        "base_nll": float(np.mean(nll[:, p - 1:])),
+    }
+
+
+def generation_eval(ham, frozen_base, base_stats, prompts: np.ndarray, *, new_tokens: int,
+                    confidences: Sequence[float], progress: bool = True) -> tuple[list[dict], dict]:
+    """Greedy generation at each confidence; returns (rows per c, reference rows)."""
+    from sqattn import sample
+    base_greedy = sample.generate(frozen_base, prompts, new_tokens)          # [k, m]
+    tuned_greedy = sample.generate(ham.base, prompts, new_tokens)
+    reference = {
+        "frozen_base": {"kv_compression": 1.0, **score_continuations(base_stats, prompts, base_greedy, base_greedy)},
+        "finetuned_base": {"kv_compression": 1.0,
+                           **score_continuations(base_stats, prompts, tuned_greedy, base_greedy)},
+    }
+    rows = []
+    bar = _progress(len(confidences) * len(prompts), "generate", progress)
+    for c in confidences:
+        outs, macros = [], []
+        for prompt in prompts:
+            toks, n_macro = ham.generate(prompt, new_tokens, confidence=float(c))
+            outs.append(toks)
+            macros.append(n_macro)
+            if bar is not None:
+                bar.update(1)
+        outs_a, macros_a = np.stack(outs), np.asarray(macros)
+        rows.append({
+            "confidence": float(c),
+            "kv_compression": float(np.mean(new_tokens / macros_a)),      # per-prompt average (the paper's)
+            "base_forwards_per_token": float(macros_a.sum() / (new_tokens * len(prompts))),
+            **score_continuations(base_stats, prompts, outs_a, base_greedy),
+        })
+        if bar is not None:
+            bar.write(f"c={c}: " + ", ".join(f"{k}={v:.3f}" for k, v in rows[-1].items() if k != "confidence"))
+    if bar is not None:
+        bar.close()
+    return rows, reference
+
+
+def plot(results: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, ref = results["generation"], results["reference"]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
+    x = [r["kv_compression"] for r in rows]
+    for ax, key, label in ((ax1, "agreement", "agreement with the base's greedy output"),
+                           (ax2, "base_nll", "frozen base NLL of the output (nats/byte)")):
+        ax.plot(x, [r[key] for r in rows], marker="o", label="HAMburger")
+        for r in rows:
+            ax.annotate(f"c={r['confidence']:g}", (r["kv_compression"], r[key]), fontsize=8,
+                        textcoords="offset points", xytext=(4, 4))
+        ax.scatter([1.0], [ref["finetuned_base"][key]], marker="s", color="C1", label="fine-tuned base (c=1)")
+        if key == "base_nll":
+            ax.scatter([1.0], [ref["frozen_base"][key]], marker="^", color="k", label="frozen base")
+        ax.set_xlabel("KV compression (tokens / base forwards)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    tf = results["teacher_forced"]
+    idx = np.arange(len(tf["ham_step_accuracy"]))
+    ax3.bar(idx - 0.2, tf["ham_step_accuracy"], 0.4, label="HAMburger")
+    ax3.bar(idx + 0.2, tf["base_step_accuracy"], 0.4, label="frozen base, same tokens")
+    ax3.set_xlabel("micro step i")
+    ax3.set_ylabel("teacher-forced accuracy")
+    ax3.set_title(f"NLL/byte: HAMburger {tf['ham_nll']:.3f} vs base {tf['base_nll']:.3f}", fontsize=9)
+    ax3.legend(fontsize=8)
+    fig.suptitle(f"HAMburger on bytes of Python; oracle compression {results['oracle_compression']['eval']:.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(workdir: str, *, base_workdir: str | None = None, base_steps: int = 500, base_d_model: int = 64,
+        base_layers: int = 4, seq_len: int = 128, batch_size: int = 16, steps: int = 500,
+        train_prompt_len: int = 16, s_max: int = 4, micro_layers: int = 1,
+        confidences: Sequence[float] = (0.5, 0.7, 0.9), num_prompts: int = 50, prompt_len: int = 32,
+        new_tokens: int = 96, eval_batches: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """The whole pipeline (module docstring); writes ``results.json`` and ``hamburger.png`` under ``workdir``.
+
+    Returns:
+      The results dict with keys ``RESULT_KEYS``.
+    """
+    from flax import nnx
+    from sqattn import data
+    from sqattn.models.hamburger import HAMburger
+    from sqattn.train import state as state_lib
+    if not 1 <= train_prompt_len < seq_len:
+        raise ValueError(f"train_prompt_len must be in [1, seq_len={seq_len}), got {train_prompt_len}")
+    if not 1 <= prompt_len <= seq_len:
+        raise ValueError(f"prompt_len must be in [1, seq_len={seq_len}], got {prompt_len}")
+    t0 = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    base_workdir = base_workdir or os.path.join(workdir, "base")
+    settings = dict(base_workdir=base_workdir, base_steps=base_steps, base_d_model=base_d_model,
+                    base_layers=base_layers, seq_len=seq_len, batch_size=batch_size, steps=steps,
+                    train_prompt_len=train_prompt_len, s_max=s_max, micro_layers=micro_layers,
+                    confidences=[float(c) for c in confidences], num_prompts=num_prompts, prompt_len=prompt_len,
+                    new_tokens=new_tokens, eval_batches=eval_batches, seed=seed)
+
+    # --- base model (frozen copy kept for entropies and references)
+    cfg = base_config(steps=base_steps, d_model=base_d_model, layers=base_layers, seq_len=seq_len,
+                      batch_size=batch_size)
+    frozen, config, base_info = get_base(base_workdir, cfg, progress=progress)
+    base_stats = make_base_stats(frozen)
+    data_cfg = config.data
+    data_cfg.seq_len = seq_len
+    train_ds = data.make_dataset(data_cfg, batch_size=batch_size, split="train")
+    eval_ds = data.make_dataset(data_cfg, batch_size=batch_size, split="eval")
+
+    # --- graft + fine-tune
+    ham = HAMburger(nnx.clone(frozen), s_max=s_max, micro_layers=micro_layers, rngs=nnx.Rngs(seed))
+    counts = {name: state_lib.param_count(nnx.state(getattr(ham, name))) for name in ("base", "embedder", "decoder")}
+    t_ft = time.perf_counter()
+    ham, curve, oracle_train = finetune(ham, base_stats, train_ds, steps=steps, prompt_len=train_prompt_len,
+                                        seed=seed, progress=progress)
+    ft = {"curve": curve, "wall_s": time.perf_counter() - t_ft, "params": counts}
+
+    # --- evaluation
+    tf = teacher_forced_eval(ham, base_stats, eval_ds, batches=eval_batches, prompt_len=train_prompt_len)
+    rows_needed = -(-num_prompts // batch_size)
+    prompts = np.concatenate([eval_ds.batch(eval_batches + i)["inputs"] for i in range(rows_needed)])
+    prompts = prompts[:num_prompts, :prompt_len].astype(np.int32)
+    t_gen = time.perf_counter()
+    gen, reference = generation_eval(ham, frozen, base_stats, prompts, new_tokens=new_tokens,
+                                     confidences=confidences, progress=progress)
+    results = {"settings": settings, "base": base_info,
+               "oracle_compression": {"train": oracle_train, "eval": tf["oracle_compression"]},
+               "finetune": ft, "teacher_forced": tf, "generation": gen, "reference": reference,
+               "generation_wall_s": time.perf_counter() - t_gen}
+    results["plot"] = plot(results, os.path.join(workdir, "hamburger.png"))
+    results["wall_s"] = time.perf_counter() - t0
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = ["| c | KV compression | base fwd/token | agreement | common prefix | base-argmax rate | base NLL |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results["reference"].items():
+        lines.append(f"| {name} | 1.00 | 1.00 | {r['agreement']:.3f} | {r['prefix_agreement']:.3f} | "
+                     f"{r['base_argmax_rate']:.3f} | {r['base_nll']:.3f} |")
+    for r in results["generation"]:
+        lines.append(f"| {r['confidence']:g} | {r['kv_compression']:.2f} | {r['base_forwards_per_token']:.3f} | "
+                     f"{r['agreement']:.3f} | {r['prefix_agreement']:.3f} | {r['base_argmax_rate']:.3f} | "
+                     f"{r['base_nll']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    logging.getLogger("sqattn").setLevel(logging.WARNING)
+    out = run(FLAGS.workdir, base_workdir=FLAGS.base_workdir or None, base_steps=FLAGS.base_steps,
+              base_d_model=FLAGS.base_d_model, base_layers=FLAGS.base_layers, seq_len=FLAGS.seq_len,
+              batch_size=FLAGS.batch_size, steps=FLAGS.steps, train_prompt_len=FLAGS.train_prompt_len,
+              s_max=FLAGS.s_max, micro_layers=FLAGS.micro_layers,
+              confidences=[float(c) for c in FLAGS.confidences], num_prompts=FLAGS.num_prompts,
+              prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens, eval_batches=FLAGS.eval_batches,
+              seed=FLAGS.seed, progress=FLAGS.progress)
+    print(format_table(out))
+    print(json.dumps({k: v for k, v in out.items() if k != "finetune"} | {"finetune_wall_s": out["finetune"]["wall_s"]}))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,453 @@
+"""SCOUT small-scale reproduction (papers/scout.md "Small-scale reproduction"), three parts.
+
+(a) ``lm``: byte-level LMs on the local text corpus (CPython stdlib sources) at one depth/width and step
+    budget: full attention ("AA"), SWA-only ("AA", window W), Mamba-only ("MM"), SCOUT-SWA ("AC") and
+    SCOUT-Mamba ("MC"), every one a ``sqattn/configs/scout.py`` config trained by
+    ``sqattn.train.train_and_evaluate`` in ``<workdir>/runs/<model>``. Reported: eval bits/byte over all
+    positions and over positions ``t >= W`` (the long-range part, whose context exceeds the window).
+    Expected (scout.md): SCOUT <= SWA-only at t >= W and close to full attention.
+(b) ``recall``: the associative-recall probe. Each sequence is BOS, 4 key/value pairs (16 keys, 16 values),
+    48 noise tokens, then the 4 keys re-queried in random order, each followed by its value (64 inputs);
+    the loss and accuracy count only the value after each query key, whose pair is >= 49 tokens back, beyond
+    the W=16 window. 2 SCOUT layers ([SWA(16)+MLP, X+MLP] x 2, d 64, 2 heads, SwiGLU 256, RoPE, f32), X =
+    SWA (``swa_only``), checkpoint attention with segment length L (``scout_L<L>``) or full attention for
+    both sub-blocks (``full``); AdamW 3e-3 with warmup + cosine, batch 16. Chance = 1/16. Expected: SWA-only
+    stays at chance, SCOUT with small L recovers the values, accuracy drops for large L.
+(c) ``memory``: decode-cache K/V entries per SCOUT layer (two blocks) vs T, read from the shapes of
+    ``LM.init_cache`` (``jax.eval_shape``, nothing allocated): full attention 2T (T per attention block),
+    SWA-only 2W, SCOUT-SWA W + T//L, SCOUT-Mamba T//L (+ the constant Mamba state), Mamba-only 0; and the
+    attention score entries of SCOUT vs causal attention (ratio -> L).
+
+  python -m experiments.scout --workdir=/tmp/scout                              # all three parts
+  python -m experiments.scout --workdir=/tmp/scout --parts=recall --seeds=0,1,2
+  python -m experiments.scout --workdir=/tmp/scout_smoke --runlocal --steps=4 --recall_steps=20
+
+Writes ``<workdir>/results.json`` and ``<workdir>/scout.png``; prints a markdown table and, last, one JSON
+line. Finished LM runs (``runs/<model>/result.json``) are reused.
+
+Measured: see the table at the end of this docstring once a run has been recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+from absl import app, flags
+
+LM_MODELS = ("full", "swa_only", "mamba_only", "swa", "mamba")
+LM_LABELS = {"full": "full attention (AA)", "swa_only": "SWA-only (AA, W)", "mamba_only": "Mamba-only (MM)",
+             "swa": "SCOUT-SWA (AC)", "mamba": "SCOUT-Mamba (MC)"}
+RECALL_MODELS = ("swa_only", "scout_L4", "scout_L16", "full")
+MEMORY_LENGTHS = (256, 1024, 4096, 16384, 65536)
+
+# Associative-recall probe (scout.md): token ids.
+NUM_PAIRS, NUM_KEYS, NUM_VALUES, NUM_NOISE = 4, 16, 16, 48
+BOS, KEY0, VALUE0, NOISE0, NOISE_VOCAB = 0, 1, 1 + NUM_KEYS, 1 + NUM_KEYS + NUM_VALUES, 16
+RECALL_VOCAB = NOISE0 + NOISE_VOCAB
+RECALL_LEN = 1 + 2 * NUM_PAIRS + NUM_NOISE + 2 * NUM_PAIRS - 1  # 64 inputs (the last value is only a target)
+RECALL_WINDOW = 16
+
+log = logging.getLogger("sqattn.scout")
+
+
+def define_flags() -> None:
+    """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
+    flags.DEFINE_string("workdir", "/tmp/sqattn/scout", "Output directory (runs/, results.json, scout.png).")
+    flags.DEFINE_list("parts", ["lm", "recall", "memory"], "Parts to run: lm, recall, memory.")
+    flags.DEFINE_list("models", list(LM_MODELS), "LM part: scout config mixers (full, swa_only, mamba_only, "
+                      "swa, mamba).")
+    flags.DEFINE_integer("steps", 300, "LM part: training steps per model.")
+    flags.DEFINE_integer("seq_len", 0, "LM part: bytes per row (0 = the config's T=256).")
+    flags.DEFINE_bool("runlocal", False, "LM part: the configs' runlocal variant (smoke test).")
+    flags.DEFINE_list("recall_models", list(RECALL_MODELS), "Recall part: swa_only, full, scout_L<L>.")
+    flags.DEFINE_integer("recall_steps", 2000, "Recall part: training steps per model and seed.")
+    flags.DEFINE_float("recall_lr", 3e-3, "Recall part: peak learning rate.")
+    flags.DEFINE_list("seeds", ["0"], "Recall part: seeds (init and data); the table averages over them.")
+    flags.DEFINE_bool("progress", True, "Progress bars.")
+
+
+FLAGS = flags.FLAGS
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (a) byte-level LM.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lm_config(model: str, *, steps: int, seq_len: int = 0, runlocal: bool = False):
+    """The ``sqattn.configs.scout`` config of one LM run (eval only at the end, one checkpoint)."""
+    import importlib
+    mod = importlib.import_module("sqattn.configs.scout")
+    cfg = mod.get_config(f"mixer={model},size=tiny" + (",runlocal" if runlocal else ""))
+    cfg.name = f"scout:{model}"
+    cfg.num_steps = steps
+    cfg.eval_every = 0
+    cfg.checkpoint_every = max(steps, 1)
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps // 10, 1))
+    if seq_len:
+        cfg.data.seq_len = seq_len
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _position_nll_fn():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @nnx.jit
+    def nll(model, inputs, targets, weights):
+        logits, _ = model(inputs)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        tok = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [b, t]
+        return jnp.sum(tok * weights, axis=0), jnp.sum(weights, axis=0)  # [t], [t]
+    return nll
+
+
+def position_bits_per_byte(model, cfg, *, long_from: int) -> dict[str, float]:
+    """Eval bits/byte over all positions and over positions ``t >= long_from`` (same eval rows as the
+    trainer: ``cfg.eval_batches`` batches of the text source's eval split)."""
+    import math
+
+    import numpy as np
+
+    from sqattn.train import tasks as tasks_lib
+    task = tasks_lib.get_task(cfg.task)
+    _, eval_ds = task.make_datasets(cfg)
+    nll_fn = _position_nll_fn()
+    nll, weight = 0.0, 0.0
+    for i in range(cfg.eval_batches):
+        batch = eval_ds.batch(i)
+        n, w = nll_fn(model, batch["inputs"], batch["targets"], batch["weights"].astype(np.float32))
+        nll, weight = nll + np.asarray(n, np.float64), weight + np.asarray(w, np.float64)
+    long = slice(long_from, None)
+    return {"bpb": float(nll.sum() / max(weight.sum(), 1.0) / math.log(2)),
+            "bpb_long": float(nll[long].sum() / max(weight[long].sum(), 1.0) / math.log(2)),
+            "eval_bytes": int(weight.sum()), "eval_bytes_long": int(weight[long].sum())}
+
+
+def lm_one(model: str, workdir: str, *, steps: int, seq_len: int = 0, runlocal: bool = False,
+           progress: bool = True) -> dict[str, Any]:
+    """Trains one LM (or loads its finished record) and evaluates it per position."""
+    from sqattn import sample
+    from sqattn.train import state as state_lib
+    from sqattn.train import train_and_evaluate
+    cfg = lm_config(model, steps=steps, seq_len=seq_len, runlocal=runlocal)
+    run_dir = os.path.join(workdir, "runs", f"{model}_steps{steps}" + ("_runlocal" if runlocal else ""))
+    done = os.path.join(run_dir, "result.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    t0 = time.perf_counter()
+    out = train_and_evaluate(cfg, run_dir, progress=progress)
+    wall = time.perf_counter() - t0
+    trained, _ = sample.load_model(run_dir)
+    window = int(lm_config("swa", steps=1, runlocal=runlocal).model.mixers.attention.window)  # W
+    evals = position_bits_per_byte(trained, cfg, long_from=window)
+    _, params = state_lib.abstract_model(cfg)
+    rec = dict(model=model, label=LM_LABELS.get(model, model), block_pattern=cfg.model.block_pattern,
+               steps=int(out["step"]), train_loss=float(out["loss"]),
+               trainer_eval_bpb=float(out["eval_bits_per_byte"]), window=window,
+               segment_len=int(cfg.model.mixers.scout.segment_len), seq_len=int(cfg.data.seq_len),
+               params=state_lib.param_count(params), wall_s=wall, **evals)
+    if not out["stopped_early"]:
+        with open(done, "w") as f:
+            json.dump(rec, f, indent=2)
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (b) associative recall.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def recall_batch(key, batch: int):
+    """One batch of the probe: ``(inputs [b, 64], targets [b, 64], weights [b, 64])``, int32/float32.
+
+    Layout: BOS, k1 v1 .. k4 v4, 48 noise tokens, then the 4 keys in a random order each followed by its
+    value. Weight 1 exactly at the 4 query keys (the target there is the key's value).
+    """
+    import jax
+    import jax.numpy as jnp
+    k_keys, k_vals, k_noise, k_order = jax.random.split(key, 4)
+    keys = jnp.argsort(jax.random.uniform(k_keys, (batch, NUM_KEYS)), axis=1)[:, :NUM_PAIRS] + KEY0  # distinct
+    vals = jax.random.randint(k_vals, (batch, NUM_PAIRS), 0, NUM_VALUES) + VALUE0  # [b, P]
+    noise = jax.random.randint(k_noise, (batch, NUM_NOISE), 0, NOISE_VOCAB) + NOISE0  # [b, 48]
+    order = jnp.argsort(jax.random.uniform(k_order, (batch, NUM_PAIRS)), axis=1)  # [b, P]
+    q_keys = jnp.take_along_axis(keys, order, axis=1)
+    q_vals = jnp.take_along_axis(vals, order, axis=1)
+    pairs = jnp.stack([keys, vals], axis=2).reshape(batch, 2 * NUM_PAIRS)  # [b, 2P]  k v k v ...
+    queries = jnp.stack([q_keys, q_vals], axis=2).reshape(batch, 2 * NUM_PAIRS)  # [b, 2P]
+    seq = jnp.concatenate([jnp.full((batch, 1), BOS), pairs, noise, queries], axis=1)  # [b, 65]
+    inputs, targets = seq[:, :-1], seq[:, 1:]  # [b, 64]
+    is_query = jnp.zeros((RECALL_LEN,), bool).at[RECALL_LEN - 2 * NUM_PAIRS + 1::2].set(True)
+    weights = jnp.broadcast_to(is_query, inputs.shape).astype(jnp.float32)  # [b, 64]
+    return inputs.astype(jnp.int32), targets.astype(jnp.int32), weights
+
+
+def recall_model(name: str, seed: int):
+    """2 SCOUT layers ([SWA(16)+MLP, X+MLP] x 2) at d 64, 2 heads; X from ``name``."""
+    from flax import nnx
+
+    from sqattn.models.lm import LM
+    if name == "swa_only":
+        pattern, window, seg_len = "AA", RECALL_WINDOW, 1
+    elif name == "full":
+        pattern, window, seg_len = "AA", 0, 1
+    elif name.startswith("scout_L") and name[7:].isdigit():
+        pattern, window, seg_len = "AC", RECALL_WINDOW, int(name[7:])
+    else:
+        raise ValueError(f"unknown recall model {name!r}; expected swa_only, full or scout_L<L>")
+    return LM(vocab_size=RECALL_VOCAB, d_model=64, num_layers=4, block_pattern=pattern, mlp_dim=256,
+              dtype="float32",
+              mixers={"attention": dict(num_heads=2, window=window),
+                      "scout": dict(num_heads=2, segment_len=seg_len)},
+              rngs=nnx.Rngs(params=seed))
+
+
+def recall_one(name: str, seed: int, *, steps: int, lr: float = 3e-3, batch: int = 16,
+               eval_sequences: int = 160, progress: bool = True) -> dict[str, Any]:
+    """Trains one probe model and returns its held-out query accuracy (``4 * eval_sequences`` queries)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    model = recall_model(name, seed)
+    warmup = max(min(100, steps // 10), 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    def loss_fn(m, inputs, targets, weights):
+        logits, _ = m(inputs)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        w = jnp.sum(weights)
+        return jnp.sum(nll * weights) / w, jnp.sum(correct * weights) / w
+
+    @nnx.jit
+    def train_step(m, opt, key):
+        inputs, targets, weights = recall_batch(key, batch)
+        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m, inputs, targets, weights)
+        opt.update(m, grads)
+        return loss, acc
+
+    @nnx.jit
+    def evaluate(m, key):
+        return loss_fn(m, *recall_batch(key, eval_sequences))
+
+    train_key = jax.random.fold_in(jax.random.key(seed), 0)
+    eval_key = jax.random.fold_in(jax.random.key(seed), 1)  # held out: never a training key
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc=f"recall {name} seed {seed}", unit="step", leave=False,
+                   dynamic_ncols=True)
+    t0 = time.perf_counter()
+    loss = acc = float("nan")
+    for step in range(steps):
+        loss, acc = train_step(model, opt, jax.random.fold_in(train_key, step))
+        if bar is not None:
+            bar.update(1)
+            if step % 50 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.2f}")
+    if bar is not None:
+        bar.close()
+    eval_loss, eval_acc = evaluate(model, eval_key)
+    return dict(model=name, seed=seed, steps=steps, lr=lr, train_loss=float(loss), train_acc=float(acc),
+                eval_loss=float(eval_loss), accuracy=float(eval_acc), eval_queries=NUM_PAIRS * eval_sequences,
+                wall_s=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (c) decode memory.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cache_entries(cfg, length: int) -> dict[str, int]:
+    """Decode-cache sizes per SCOUT layer (= two pattern letters) at ``length`` tokens, from the shapes of
+    ``LM.init_cache`` (``jax.eval_shape``: nothing allocated).
+
+    ``entries``: K/V time slots (attention-like caches hold ``k [b, slots, g, hd]``); ``state_floats``: the
+    floats of caches without ``k`` (Mamba's conv + SSM state, constant in T).
+    """
+    import jax
+    from flax import nnx
+
+    from sqattn.train import state as state_lib
+    graphdef, params = state_lib.abstract_model(cfg)
+    model = nnx.merge(graphdef, params)
+    caches = jax.eval_shape(lambda: model.init_cache(1, length))
+    layers = len(caches) / 2
+    slots = sum(int(c["k"].shape[1]) for c in caches if isinstance(c, dict) and "k" in c)
+    state = sum(int(x.size) for c in caches if not (isinstance(c, dict) and "k" in c)
+                for x in jax.tree.leaves(c))
+    return {"entries": int(slots / layers), "state_floats": int(state / layers)}
+
+
+def memory_table(lengths: Sequence[int] = MEMORY_LENGTHS) -> dict[str, Any]:
+    """Decode-cache entries per SCOUT layer (tiny configs: W=64, L=16) and attention score entries vs T."""
+    from kernels.segment_attention import score_entries
+    rows = {}
+    for model in LM_MODELS:
+        cfg = lm_config(model, steps=1)
+        rows[model] = {str(t): cache_entries(cfg, t)["entries"] for t in lengths}
+    cfg = lm_config("swa", steps=1)
+    window, seg_len = int(cfg.model.mixers.attention.window), int(cfg.model.mixers.scout.segment_len)
+    expected = {"full": {str(t): 2 * t for t in lengths},
+                "swa_only": {str(t): 2 * min(window, t) for t in lengths},
+                "mamba_only": {str(t): 0 for t in lengths},
+                "swa": {str(t): min(window, t) + t // seg_len for t in lengths},
+                "mamba": {str(t): t // seg_len for t in lengths}}
+    scores = {str(t): {"causal": t * (t + 1) // 2, "scout": score_entries(t, seg_len),
+                       "ratio": t * (t + 1) / 2 / score_entries(t, seg_len)} for t in lengths}
+    return {"window": window, "segment_len": seg_len, "lengths": list(lengths), "entries": rows,
+            "entries_match_formula": rows == expected, "score_entries": scores}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def summarize_recall(records: Sequence[dict]) -> dict[str, dict[str, float]]:
+    import numpy as np
+    out: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(r["model"] for r in records):
+        accs = [r["accuracy"] for r in records if r["model"] == name]
+        out[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "seeds": len(accs)}
+    return out
+
+
+def format_tables(results: dict[str, Any]) -> str:
+    lines = []
+    if results.get("lm"):
+        w = results["lm"][0]["window"]
+        lines += [f"| LM model | params | steps | bits/byte | bits/byte t >= {w} |", "|---|---|---|---|---|"]
+        lines += [f"| {r['label']} | {r['params']:,} | {r['steps']} | {r['bpb']:.4f} | {r['bpb_long']:.4f} |"
+                  for r in results["lm"]]
+        lines.append("")
+    if results.get("recall_summary"):
+        lines += ["| recall model | accuracy (chance 0.0625) | seeds |", "|---|---|---|"]
+        lines += [f"| {name} | {s['mean']:.3f} ± {s['std']:.3f} | {s['seeds']} |"
+                  for name, s in results["recall_summary"].items()]
+        lines.append("")
+    if results.get("memory"):
+        mem = results["memory"]
+        lines += ["| cache entries per SCOUT layer | " + " | ".join(f"T={t}" for t in mem["lengths"]) + " |",
+                  "|---|" + "---|" * len(mem["lengths"])]
+        lines += [f"| {LM_LABELS[m]} | " + " | ".join(str(v) for v in row.values()) + " |"
+                  for m, row in mem["entries"].items()]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    if results.get("lm"):
+        recs = results["lm"]
+        x = np.arange(len(recs))
+        axes[0].bar(x - 0.2, [r["bpb"] for r in recs], 0.4, label="all positions")
+        axes[0].bar(x + 0.2, [r["bpb_long"] for r in recs], 0.4, label=f"t >= W ({recs[0]['window']})")
+        axes[0].set_xticks(x, [r["model"] for r in recs], rotation=20)
+        axes[0].set_ylabel("eval bits / byte")
+        axes[0].set_ylim(min(r["bpb_long"] for r in recs) * 0.9, max(r["bpb"] for r in recs) * 1.05)
+        axes[0].set_title(f"(a) byte LM, {recs[0]['steps']} steps")
+        axes[0].legend(fontsize=8)
+    if results.get("recall_summary"):
+        s = results["recall_summary"]
+        axes[1].bar(list(s), [v["mean"] for v in s.values()], yerr=[v["std"] for v in s.values()])
+        axes[1].axhline(1 / NUM_VALUES, color="gray", linestyle=":", label="chance")
+        axes[1].set_ylabel("held-out query accuracy")
+        axes[1].set_title("(b) associative recall beyond the window")
+        axes[1].legend(fontsize=8)
+    if results.get("memory"):
+        mem = results["memory"]
+        for m, row in mem["entries"].items():
+            axes[2].plot(mem["lengths"], [max(v, 0.5) for v in row.values()], marker="o", label=LM_LABELS[m])
+        axes[2].set_xscale("log", base=2)
+        axes[2].set_yscale("log", base=2)
+        axes[2].set_xlabel("T (tokens)")
+        axes[2].set_ylabel("K/V entries per SCOUT layer (0 plotted at 0.5)")
+        axes[2].set_title(f"(c) decode cache (W={mem['window']}, L={mem['segment_len']})")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(workdir: str, *, parts: Sequence[str] = ("lm", "recall", "memory"),
+        models: Sequence[str] = LM_MODELS, steps: int = 300, seq_len: int = 0, runlocal: bool = False,
+        recall_models: Sequence[str] = RECALL_MODELS, recall_steps: int = 2000, recall_lr: float = 3e-3,
+        seeds: Sequence[int] = (0,), memory_lengths: Sequence[int] = MEMORY_LENGTHS,
+        progress: bool = True) -> dict[str, Any]:
+    """Runs the requested parts, then writes ``results.json`` and ``scout.png`` under ``workdir``.
+
+    Returns:
+      ``{"settings", "lm" (one record per model), "recall" (one per model and seed), "recall_summary",
+      "memory", "plot", "wall_s"}``; parts not run are empty.
+    """
+    unknown = set(parts) - {"lm", "recall", "memory"}
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; expected lm, recall, memory")
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    settings = dict(parts=list(parts), models=list(models), steps=steps, seq_len=seq_len, runlocal=runlocal,
+                    recall_models=list(recall_models), recall_steps=recall_steps, recall_lr=recall_lr,
+                    seeds=[int(s) for s in seeds], load_avg_start=list(os.getloadavg()))
+    results: dict[str, Any] = {"settings": settings, "lm": [], "recall": [], "recall_summary": {}, "memory": {}}
+
+    def write() -> dict[str, Any]:
+        results["wall_s"] = time.perf_counter() - t0
+        results["settings"]["load_avg_end"] = list(os.getloadavg())
+        results["plot"] = plot(results, os.path.join(workdir, "scout.png"))
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        return results
+
+    if "memory" in parts:
+        results["memory"] = memory_table(memory_lengths)
+    if "lm" in parts:
+        for model in models:
+            rec = lm_one(model, workdir, steps=steps, seq_len=seq_len, runlocal=runlocal, progress=progress)
+            results["lm"].append(rec)
+            log.warning("lm %s: %.4f bits/byte, %.4f at t >= W (%.0f s)", model, rec["bpb"], rec["bpb_long"],
+                        rec["wall_s"])
+            write()
+    if "recall" in parts:
+        for name in recall_models:
+            for seed in seeds:
+                rec = recall_one(name, int(seed), steps=recall_steps, lr=recall_lr, progress=progress)
+                results["recall"].append(rec)
+                log.warning("recall %s seed %d: accuracy %.3f (%.0f s)", name, seed, rec["accuracy"],
+                            rec["wall_s"])
+                results["recall_summary"] = summarize_recall(results["recall"])
+                write()
+    return write()
+
+
+def main(argv):
+    del argv
+    logging.getLogger("sqattn").setLevel(logging.WARNING)
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    out = run(FLAGS.workdir, parts=FLAGS.parts, models=FLAGS.models, steps=FLAGS.steps, seq_len=FLAGS.seq_len,
+              runlocal=FLAGS.runlocal, recall_models=FLAGS.recall_models, recall_steps=FLAGS.recall_steps,
+              recall_lr=FLAGS.recall_lr, seeds=[int(s) for s in FLAGS.seeds], progress=FLAGS.progress)
+    print(format_tables(out))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("recall",)}))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
