@@ -46,6 +46,47 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, t, h, hd).astype(q.dtype)
 
 
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int,
+                    segment_ids: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """Sliding-window causal attention in O(T * 2W): the banded fast path of ``dot_product_attention`` with
+    ``attention_mask(window=W)``.
+
+    The sequence is cut into blocks of W queries; block i attends to the keys of blocks i-1 and i (2W keys),
+    masked to ``t - W < s <= t`` (and to the same segment). Equal to the dense reference up to float rounding
+    (tests/sqattn/mixers/test_attention.py). q [b,t,h,k], k/v [b,t,g,k] -> [b,t,h,k].
+    """
+    b, t, h, hd = q.shape
+    g = k.shape[2]
+    w = window
+    n = -(-t // w)                                                     # blocks of w queries
+    pad = n * w - t
+    scale = hd ** -0.5 if scale is None else scale
+    seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+
+    def blocks(x, fill=0):                                             # [b, t, ...] -> [b, n, w, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape(b, n, w, *x.shape[2:])
+
+    def with_previous(x):                                              # [b, n, w, ...] -> [b, n, 2w, ...]
+        prev = jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-1]
+        return jnp.concatenate([prev, x], axis=2)
+
+    qb = blocks(q).reshape(b, n, w, g, h // g, hd)                     # [b,n,w,g,r,k]
+    kb, vb = with_previous(blocks(k)), with_previous(blocks(v))        # [b,n,2w,g,k]
+    qi = jnp.arange(n)[:, None] * w + jnp.arange(w)[None, :]           # [n, w] query index
+    ki = jnp.arange(n)[:, None] * w - w + jnp.arange(2 * w)[None, :]   # [n, 2w] key index (< 0: padding)
+    ok = (ki[:, None, :] <= qi[:, :, None]) & (ki[:, None, :] > qi[:, :, None] - w) & (ki[:, None, :] >= 0)
+    qs = blocks(seg, -1)                                               # [b, n, w]
+    ks = with_previous(blocks(seg, -2))                                # [b, n, 2w]
+    ok = ok[None] & (qs[..., :, None] == ks[..., None, :])             # [b, n, w, 2w]
+    logits = jnp.einsum("bnqgrk,bnsgk->bngrqs", qb, kb, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(ok[:, :, None, None], logits, _MASK)            # [b,n,g,r,w,2w]
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bngrqs,bnsgk->bnqgrk", probs.astype(v.dtype), vb,
+                     preferred_element_type=jnp.float32)               # [b,n,w,g,r,k]
+    return out.reshape(b, n * w, h, hd)[:, :t].astype(q.dtype)
+
+
 @mixers.register("A", "attention", "causal softmax attention (full, or sliding window if window > 0)")
 class Attention(nnx.Module):
     """Multi-head causal attention with GQA and RoPE.
@@ -99,6 +140,8 @@ class Attention(nnx.Module):
         pos = positions_from_segments(segment_ids, b, t) if positions is None else positions
         q, k, v = self._qkv(x, pos)
         o = cad_lib.core_attention(q, k, v, segment_ids, self.cad) if self.cad is not None else None
+        if o is None and 0 < self.window and 2 * self.window < t:
+            o = local_attention(q, k, v, self.window, segment_ids)    # O(T W) instead of O(T^2)
         if o is None:
             idx = jnp.broadcast_to(jnp.arange(t), (b, t))
             mask = attention_mask(idx, idx, window=self.window, q_seg=segment_ids, k_seg=segment_ids)
