@@ -26,7 +26,8 @@ so the budget drops the longest lengths evenly; it may use 2/3 of the budget whe
 the rest. ``--budget_s=0`` lifts the limit.
 
 Extra sections: ``--sse_n_sweep`` (SSE sorted vs mask form as N = 2, 4, 8, 16 grows at K = 1, T =
-``--sweep_length``), ``--mambapy_lengths`` (our Mamba vs the PyTorch package ``mambapy``, same weights, when torch
+``--sweep_length``), ``--scout_lengths`` (SCOUT vs full attention: time ratio at fixed L, slope at L = sqrt(T),
+decode cache entries), ``--mambapy_lengths`` (our Mamba vs the PyTorch package ``mambapy``, same weights, when torch
 is installed) and ``--recurrent_speedup`` (chunked vs per-token recurrent form at T = ``--speedup_length``
 for gla, mamba and mamba2 when registered). Times are wall-clock on a shared machine: the JSON carries the load
 average at start and end (``load_avg``), so compare numbers only within one run.
@@ -61,6 +62,7 @@ MIXERS: dict[str, tuple[str, dict | Callable[[int, int], dict]]] = {
     "mamba_recurrent": ("M", {"impl": "ref"}),
     "mamba2": ("2", lambda d, h: {"head_dim": 2 * d // h}),          # expand 2: h heads of 2d/h
     "mamba2_recurrent": ("2", lambda d, h: {"head_dim": 2 * d // h, "impl": "ref"}),
+    "scout": ("C", {"segment_len": 16}),
 }
 DEFAULT_MIXERS = ("attention", "swa", "gla", "gla_recurrent", "sse_mask", "sse_sorted", "mamba", "mamba2")
 # family -> (chunked/parallel form, per-token recurrent form) for --recurrent_speedup.
@@ -93,6 +95,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("sweep_length", 2048, "T of the SSE N sweep.")
     flags.DEFINE_bool("recurrent_speedup", True, "Also time chunked vs recurrent forms at T=--speedup_length.")
     flags.DEFINE_integer("speedup_length", 4096, "T of the chunked-vs-recurrent comparison.")
+    flags.DEFINE_list("scout_lengths", ["512", "1024", "2048", "4096", "8192"], "T of the SCOUT section (SCOUT vs "
+                      "full attention at fixed L and at L = sqrt(T); decode cache entries). Empty: skip.")
+    flags.DEFINE_integer("scout_segment_len", 16, "L of the SCOUT section's fixed-L series.")
     flags.DEFINE_list("mambapy_lengths", ["256", "1024"], "T of the ours-vs-mambapy (PyTorch) Mamba section, "
                       "d_model 128, batch 4, f32 (empty: skip; skipped with a hint when torch is absent).")
     flags.DEFINE_string("workdir", None, "If set, write bench_mixers.json and bench_mixers.png there.")
@@ -375,6 +380,70 @@ def recurrent_speedup(bench: Bench, length: int, pairs: dict[str, tuple[str, str
     return out
 
 
+def scout_section(bench: Bench, lengths: Sequence[int], *, segment_len: int = 16, window: int = 256) -> dict:
+    """SCOUT checkpoint attention ("C") next to full attention at the same T and tokens:
+
+    * ``fixed_l``: L = ``segment_len``; per T the time ratio full / SCOUT (-> L as the scores dominate) and the
+      ratio of admissible score entries (theory: ~L);
+    * ``sqrt_l``: L = round(sqrt(T)); the fitted per-sequence time slope (-> 1.5; full attention ~2);
+    * ``decode_cache``: K/V entries a decoder keeps per layer at length T, read off each mixer's ``init_cache``:
+      full attention T, SWA W, SCOUT T // L (its SCOUT-SWA layer adds the SWA's W).
+    """
+    import math as _math
+    out: dict[str, Any] = {"segment_len": segment_len, "window": window}
+    try:
+        complete_cfg("C", {}, bench.num_heads)
+    except Unavailable as e:
+        return dict(out, available=False, reason=str(e))
+    from kernels.segment_attention import score_entries
+    fixed, att_pts, sqrt_pts = [], [], []
+    for t in sorted(lengths):
+        att = bench.point("attention", "A", {}, t, history=att_pts)
+        att_pts.append(att)
+        sc = bench.point(f"scout_l{segment_len}", "C", {"segment_len": segment_len}, t,
+                         history=[r["scout"] for r in fixed])
+        row: dict[str, Any] = {"length": t, "attention": att, "scout": sc,
+                               "score_entries_ratio": t * (t + 1) / 2 / score_entries(t, segment_len)}
+        if "time_s" in att and "time_s" in sc:
+            row["time_ratio"] = att["time_s"] / sc["time_s"]
+        fixed.append(row)
+        l_sqrt = max(1, round(_math.sqrt(t)))
+        sq = bench.point(f"scout_sqrt_l{l_sqrt}", "C", {"segment_len": l_sqrt}, t, history=sqrt_pts)
+        sq["segment_len"] = l_sqrt
+        sqrt_pts.append(sq)
+    timed = [p for p in sqrt_pts if "time_s" in p]
+    att_timed = [p for p in att_pts if "time_s" in p]
+    out["fixed_l"] = fixed
+    out["sqrt_l"] = {"points": sqrt_pts,
+                     "time_per_seq_slope": fit_slope([p["length"] for p in timed],
+                                                     [p["time_s"] / p["batch"] for p in timed]),
+                     "attention_time_per_seq_slope": fit_slope([p["length"] for p in att_timed],
+                                                               [p["time_s"] / p["batch"] for p in att_timed])}
+    out["decode_cache"] = decode_cache_entries(sorted(lengths), segment_len=segment_len, window=window,
+                                               d_model=bench.d_model, num_heads=bench.num_heads)
+    out["available"] = True
+    return out
+
+
+def decode_cache_entries(lengths: Sequence[int], *, segment_len: int, window: int, d_model: int,
+                         num_heads: int) -> list[dict]:
+    """K/V slots per layer of each mixer's decode cache (``init_cache(1, T)["k"].shape[1]``) at every T."""
+    import jax
+    import jax.numpy as jnp
+    builders = {"attention": ("A", {}), "swa": ("A", {"window": window}),
+                "scout": ("C", {"segment_len": segment_len})}
+    rows = []
+    for t in lengths:
+        row: dict[str, Any] = {"length": t}
+        for name, (letter, cfg) in builders.items():
+            mixer, _ = build_mixer(letter, cfg, d_model, num_heads, jnp.float32)
+            cache = jax.eval_shape(lambda m=mixer: m.init_cache(1, t, jnp.float32))
+            row[name] = int(cache["k"].shape[1])
+        row["scout_swa"] = row["scout"] + row["swa"]
+        rows.append(row)
+    return rows
+
+
 def mambapy_section(lengths: Sequence[int], *, d_model: int = 128, batch: int = 4, reps: int = 5) -> dict:
     """Our Mamba (S6) mixer against the PyTorch package ``mambapy`` on the same weights and inputs
     (``experiments.bench_mamba_vs_mambapy.bench``: f32, forward + backward, median of alternating calls).
@@ -399,7 +468,7 @@ def run(*, mixers: Sequence[str] = DEFAULT_MIXERS, lengths: Sequence[int] = (512
         sse_sweep: bool = True,
         sweep_length: int = 2048, speedup: bool = True, speedup_length: int = 4096,
         speedup_families: Sequence[str] = tuple(RECURRENT_PAIRS),
-        mambapy_lengths: Sequence[int] = (),
+        mambapy_lengths: Sequence[int] = (), scout_lengths: Sequence[int] = (), scout_segment_len: int = 16,
         log: Callable[[str], None] = lambda s: None) -> dict:
     """Runs the benchmark and returns the JSON-able record (see the module docstring)."""
     import flax
@@ -436,6 +505,8 @@ def run(*, mixers: Sequence[str] = DEFAULT_MIXERS, lengths: Sequence[int] = (512
     if speedup:
         record["recurrent_speedup"] = recurrent_speedup(bench, speedup_length,
                                                         {f: RECURRENT_PAIRS[f] for f in speedup_families})
+    if scout_lengths:
+        record["scout"] = scout_section(bench, scout_lengths, segment_len=scout_segment_len)
     if mambapy_lengths:
         log(f"mambapy section: T = {list(mambapy_lengths)}")
         record["mambapy"] = mambapy_section(mambapy_lengths)
@@ -525,6 +596,7 @@ def main(argv):
                      sse_sweep=FLAGS.sse_n_sweep, sweep_length=FLAGS.sweep_length,
                      speedup=FLAGS.recurrent_speedup, speedup_length=FLAGS.speedup_length,
                      mambapy_lengths=[int(t) for t in FLAGS.mambapy_lengths],
+                     scout_lengths=[int(t) for t in FLAGS.scout_lengths], scout_segment_len=FLAGS.scout_segment_len,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -101,3 +101,21 @@ def test_mambapy_section_same_weights_or_skip_reason():
     assert row["speedup"] == pytest.approx(row["mambapy_ms"] / row["ours_ms"])
     # same weights and inputs on both sides: the outputs agree (f32)
     assert row["max_abs_diff"] <= 1e-4 * max(1.0, row["output_max_abs"])
+
+
+def test_scout_section_ratios_and_decode_cache():
+    pytest.importorskip("sqattn.mixers.scout")
+    bench = bench_mixers.Bench(tokens=128, d_model=32, num_heads=2, dtype="bfloat16", warmup=1, repeats=1,
+                               max_seconds=60.0, max_memory_gb=1.0)
+    sec = bench_mixers.scout_section(bench, [32, 64], segment_len=4, window=8)
+    assert sec["available"]
+    for row in sec["fixed_l"]:
+        assert row["time_ratio"] == pytest.approx(row["attention"]["time_s"] / row["scout"]["time_s"])
+        t = row["length"]
+        # admissible pairs: t(t+1)/2 for causal attention vs sum_t (#checkpoints before t + 1) for SCOUT
+        expect = sum(min(i // 4, t // 4) + 1 for i in range(t))
+        assert row["score_entries_ratio"] == pytest.approx(t * (t + 1) / 2 / expect)
+    assert [p["segment_len"] for p in sec["sqrt_l"]["points"]] == [6, 8]
+    assert sec["decode_cache"] == [
+        {"length": 32, "attention": 32, "swa": 8, "scout": 8, "scout_swa": 16},
+        {"length": 64, "attention": 64, "swa": 8, "scout": 16, "scout_swa": 24}]
