@@ -5,11 +5,12 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from experiments import hamburger as exp
 
-TINY = dict(base_steps=3, base_d_model=32, base_layers=2, seq_len=32, batch_size=4, steps=2, train_prompt_len=8,
-            s_max=3, confidences=(0.0, 1.0), num_prompts=2, prompt_len=8, new_tokens=6, eval_batches=1,
+TINY = dict(base_steps=3, base_d_model=32, base_layers=1, seq_len=32, batch_size=4, steps=2, train_prompt_len=8,
+            s_max=2, confidences=(0.0, 1.0), num_prompts=2, prompt_len=8, new_tokens=6, eval_batches=1,
             progress=False)
 
 
@@ -21,6 +22,7 @@ def test_helpers():
     assert [x.tolist() for x in lens] == [[3, 1]]        # entropies of tokens 2..5 are H[1..4]
 
 
+@pytest.mark.slow
 def test_run_end_to_end(tmp_path):
     out = exp.run(str(tmp_path), **TINY)
     with open(tmp_path / "results.json") as f:
@@ -29,19 +31,18 @@ def test_run_end_to_end(tmp_path):
         assert key in saved, key
     assert os.path.exists(saved["plot"]) and saved["base"]["trained_here"]
     assert saved["base"]["d_model"] == 32 and saved["base"]["steps"] == 3
-    assert 1.0 <= saved["oracle_compression"]["train"] <= 3.0
+    assert 1.0 <= saved["oracle_compression"]["train"] <= 2.0
     tf = saved["teacher_forced"]
-    assert len(tf["ham_step_accuracy"]) == 3 and np.isfinite(tf["ham_nll"]) and np.isfinite(tf["base_nll"])
+    assert len(tf["ham_step_accuracy"]) == 2 and np.isfinite(tf["ham_nll"]) and np.isfinite(tf["base_nll"])
     rows = {r["confidence"]: r for r in saved["generation"]}
-    # c = 0 never stops early: 6 tokens in 2 macro steps; c = 1 stops after every token: the fine-tuned base
-    assert rows[0.0]["kv_compression"] == 3.0 and rows[0.0]["base_forwards_per_token"] == 1 / 3
+    # c = 0 never stops early: 6 tokens in 3 macro steps; c = 1 stops after every token: the fine-tuned base
+    assert rows[0.0]["kv_compression"] == 2.0 and rows[0.0]["base_forwards_per_token"] == 0.5
     assert rows[1.0]["kv_compression"] == 1.0
     for key in ("agreement", "prefix_agreement", "base_argmax_rate", "base_nll"):
         assert rows[1.0][key] == saved["reference"]["finetuned_base"][key], key
     assert saved["reference"]["frozen_base"]["agreement"] == 1.0
-    assert saved["reference"]["frozen_base"]["base_argmax_rate"] == 1.0   # greedy = the base's argmax
-    assert out["finetune"]["curve"][-1]["step"] == 2
+    assert out["finetune"]["curve"][-1]["step"] == 2 and out["finetune"]["traces"] == 1   # compiled once
     # the base checkpoint is found and loaded, not trained again
-    cfg = exp.base_config(steps=99, d_model=32, layers=2, seq_len=32, batch_size=4)
+    cfg = exp.base_config(steps=99, d_model=32, layers=1, seq_len=32, batch_size=4)
     _, config, info = exp.get_base(str(tmp_path / "base"), cfg, progress=False)
     assert not info["trained_here"] and config.num_steps == 3
