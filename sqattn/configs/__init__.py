@@ -27,6 +27,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "mqar_attention": ("mqar", "mixer=attention"),
     "moe_tiny": ("moe", "size=tiny"),
     "moe_large": ("moe", "size=large"),
+    "scout_swa_tiny": ("scout", "mixer=swa,size=tiny"),
+    "scout_mamba_tiny": ("scout", "mixer=mamba,size=tiny"),
+    "scout_swa_400m": ("scout", "mixer=swa,size=400m"),
+    "scout_mamba_400m": ("scout", "mixer=mamba,size=400m"),
 }
 
 
