@@ -380,6 +380,10 @@ def plot(results: dict[str, Any], path: str) -> str:
         axes[2].set_ylabel("K/V entries per SCOUT layer (0 plotted at 0.5)")
         axes[2].set_title(f"(c) decode cache (W={mem['window']}, L={mem['segment_len']})")
         axes[2].legend(fontsize=7)
+    for ax, part in zip(axes, (results.get("lm"), results.get("recall_summary"), results.get("memory"))):
+        if not part:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, "(part not run)", ha="center", va="center", color="gray")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -125,6 +125,17 @@ def test_rows_without_checkpoints_return_v_exactly(impl):
         assert np.all(np.isfinite(np.asarray(g))), f"{impl} {name} not finite"
 
 
+def test_kernel_skips_invisible_checkpoint_blocks():
+    """Block-causal skipping: NaN values in rows >= 32 (checkpoint blocks 2, 3 at L=1, tiles 16) must not
+    reach query blocks 0, 1, which would read them (0 * NaN = NaN) if the loop ran over every block."""
+    case = CASES[1]  # T=64, L=1: 64 checkpoints in 4 blocks of 16
+    q, k, v, seg, do = _inputs(case, seed=2)
+    clean, _ = _fwd_bwd(q, k, v, seg, do, impl="interpret", segment_len=1)
+    poisoned, _ = _fwd_bwd(q, k, v.at[:, 32:].set(jnp.nan), seg, do, impl="interpret", segment_len=1)
+    np.testing.assert_array_equal(np.asarray(poisoned[:, :32]), np.asarray(clean[:, :32]))
+    assert np.isnan(np.asarray(poisoned[:, 32:], np.float32)).all()
+
+
 def test_step_equals_parallel():
     """``segment_attention_step`` with the first t // L checkpoints valid == row t of the op."""
     case = CASES[0]
@@ -199,3 +210,16 @@ def test_bad_arguments_raise_naming_them():
         segment_attention_step(q[:, 0], k[:, 0], k[:, 0], ck[..., :3], ck, 0)
     with pytest.raises(ValueError, match="k_t must"):
         segment_attention_step(q[:, 0], k[:, 0, :, :3], k[:, 0], ck, ck, 0)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_pallas_matches_ref(dtype):
+    """The compiled kernel with its default GPU tiles (Triton: power-of-two tiles, dot dims >= 16)."""
+    case = Case(300, 4, dtype, (100, 200))
+    q, k, v, seg, do = _inputs(case, seed=5)
+    o_ref = segment_attention(q, k, v, segment_len=case.segment_len, segment_ids=seg, impl="ref")
+    o = jax.jit(functools.partial(segment_attention, segment_len=case.segment_len, impl="pallas"))(
+        q, k, v, segment_ids=seg)
+    assert_close(o, o_ref, dtype, "compiled pallas o")
