@@ -87,6 +87,17 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int,
     return out.reshape(b, n * w, h, hd)[:, :t].astype(q.dtype)
 
 
+def init_qkvo(module: nnx.Module, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+              rngs: nnx.Rngs, dtype, out_scale: float = 1.0) -> None:
+    """Creates ``module.q/k/v/o``: the projections (names, shapes, axes, creation order) every attention-like
+    mixer shares (Attention, ScoutAttention, LigerAttention), so weights move between them 1:1."""
+    module.q = Dense(d_model, num_heads * head_dim, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
+    module.k = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
+    module.v = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
+    module.o = Dense(num_heads * head_dim, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
+                     init_scale=out_scale)
+
+
 @mixers.register("A", "attention", "causal softmax attention (full, or sliding window if window > 0)")
 class Attention(nnx.Module):
     """Multi-head causal attention with GQA and RoPE.
@@ -113,11 +124,7 @@ class Attention(nnx.Module):
         if self.cad is not None and window > 0:
             raise ValueError(f"attention: cad needs full attention (window=0), got window={window}")
         self.h, self.g, self.hd, self.window, self.theta = num_heads, num_kv_heads, head_dim, window, rope_theta
-        self.q = Dense(d_model, num_heads * head_dim, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.k = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
-        self.v = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
-        self.o = Dense(num_heads * head_dim, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
-                       init_scale=out_scale)
+        init_qkvo(self, d_model, num_heads, num_kv_heads, head_dim, rngs=rngs, dtype=dtype, out_scale=out_scale)
         self.q_norm = RMSNorm(head_dim) if qk_norm else None
         self.k_norm = RMSNorm(head_dim) if qk_norm else None
         self.dtype = dtype

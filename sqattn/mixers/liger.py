@@ -32,7 +32,7 @@ from flax import nnx
 from kernels.gla import gla, gla_step
 from sqattn import mixers
 from sqattn.layers import Dense, RMSNorm, apply_rope, positions_from_segments
-from sqattn.mixers.attention import attention_mask, dot_product_attention
+from sqattn.mixers.attention import attention_mask, dot_product_attention, init_qkvo, local_attention
 from sqattn.parallel.sharding import constrain
 
 GATES = ("gla", "mamba2", "fresh", "none")
@@ -101,11 +101,7 @@ class LigerAttention(nnx.Module):
         self.recurrent, self.mix, self.chunk_size, self.impl = recurrent, mix, chunk_size, impl
         self.dtype = dtype
         # Same names, shapes, axes and creation order as Attention: its state loads 1:1.
-        self.q = Dense(d_model, num_heads * head_dim, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.k = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
-        self.v = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
-        self.o = Dense(num_heads * head_dim, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
-                       init_scale=out_scale)
+        init_qkvo(self, d_model, num_heads, num_kv_heads, head_dim, rngs=rngs, dtype=dtype, out_scale=out_scale)
         self.q_norm = RMSNorm(head_dim) if qk_norm else None
         self.k_norm = RMSNorm(head_dim) if qk_norm else None
         self.gate = (Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
@@ -166,9 +162,12 @@ class LigerAttention(nnx.Module):
             pos = positions_from_segments(segment_ids, b, t) if positions is None else positions
             q_rot = constrain(apply_rope(q, pos, self.theta), ("act_batch", "act_seq", "act_heads", None))
             k_rot = apply_rope(k, pos, self.theta)
-            idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-            mask = attention_mask(idx, idx, window=self.window, q_seg=segment_ids, k_seg=segment_ids)
-            swa = dot_product_attention(q_rot, k_rot, v, mask)                         # [b,t,h,k]
+            if 2 * self.window < t:   # the banded O(T W) path of the attention mixer
+                swa = local_attention(q_rot, k_rot, v, self.window, segment_ids)       # [b,t,h,k]
+            else:
+                idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+                mask = attention_mask(idx, idx, window=self.window, q_seg=segment_ids, k_seg=segment_ids)
+                swa = dot_product_attention(q_rot, k_rot, v, mask)                     # [b,t,h,k]
         o = self._combine(grm, swa)
         return self.o(o.reshape(b, t, self.h * self.hd))
 

@@ -32,7 +32,8 @@ from flax import nnx
 
 from kernels.segment_attention import segment_attention, segment_attention_step
 from sqattn import mixers
-from sqattn.layers import Dense, apply_rope, positions_from_segments
+from sqattn.layers import apply_rope, positions_from_segments
+from sqattn.mixers.attention import init_qkvo
 from sqattn.parallel.sharding import constrain
 
 
@@ -63,11 +64,7 @@ class ScoutAttention(nnx.Module):
             raise ValueError(f"scout: segment_len must be an int >= 1, got {segment_len!r}")
         self.h, self.g, self.hd, self.theta = num_heads, num_kv_heads, head_dim, rope_theta
         self.segment_len, self.impl = segment_len, impl
-        self.q = Dense(d_model, num_heads * head_dim, axes=("embed", "heads"), rngs=rngs, dtype=dtype)
-        self.k = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
-        self.v = Dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs, dtype=dtype)
-        self.o = Dense(num_heads * head_dim, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
-                       init_scale=out_scale)
+        init_qkvo(self, d_model, num_heads, num_kv_heads, head_dim, rngs=rngs, dtype=dtype, out_scale=out_scale)
         self.dtype = dtype
 
     def _qkv(self, x: jax.Array, pos: jax.Array):
