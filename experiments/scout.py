@@ -25,7 +25,30 @@
 Writes ``<workdir>/results.json`` and ``<workdir>/scout.png``; prints a markdown table and, last, one JSON
 line. Finished LM runs (``runs/<model>/result.json``) are reused.
 
-Measured: see the table at the end of this docstring once a run has been recorded.
+Measured (2026-11-29, 2 CPU cores shared with other jobs, load average 2-9; seed 0, one run each):
+
+(a) ``--parts=lm,memory --steps=300`` (34 min; 3-6 min per attention model, 6-14 min per Mamba model),
+    T=256, batch 16, 32768 eval bytes (24576 at t >= 64):
+
+    | LM model (d 128, 4 blocks) | params  | bits/byte | bits/byte t >= 64 |
+    |----------------------------|---------|-----------|-------------------|
+    | full attention (AA)        | 885,888 | 2.162     | 2.114             |
+    | SWA-only (AA, W=64)        | 885,888 | 2.079     | 2.030             |
+    | Mamba-only (MM)            | 1,089,664 | 1.859   | 1.814             |
+    | SCOUT-SWA (AC, L=16)       | 885,888 | 2.215     | 2.169             |
+    | SCOUT-Mamba (MC, L=16)     | 987,776 | 1.959     | 1.915             |
+
+    At 150 steps the order was the same (full 2.700, SWA 2.573, Mamba 2.128, SCOUT-SWA 2.749, SCOUT-Mamba
+    2.242). Not the note's expectation (SCOUT <= SWA, close to full): at this budget every model is far from
+    converged (~2 bits/byte) and full attention itself is worse than SWA, i.e. context beyond W is not yet
+    used by any model; the comparison needs (much) longer training (not run).
+(b) ``--parts=recall --recall_steps=2000`` (35 min; 7-12 min per model), held-out accuracy on 640 queries:
+    SWA-only 0.058 (chance 0.0625), SCOUT L=4 0.577, SCOUT L=16 0.572, full attention 0.587. As in the note:
+    SWA-only stays at chance, SCOUT recovers full attention's accuracy; unlike the note, L=16 did not drop
+    (its first checkpoint, row 15, sees all 4 pairs through the W=16 window; single seed).
+(c) cache entries per SCOUT layer at T = 256 / 1024 / 4096 / 16384 / 65536: full 512 / 2048 / 8192 / 32768 /
+    131072, SWA-only 128, SCOUT-SWA 80 / 128 / 320 / 1088 / 4160, SCOUT-Mamba 16 / 64 / 256 / 1024 / 4096
+    (matching the formulas); causal / SCOUT score entries 15.1 / 15.8 / 15.9 / 16.0 / 16.0 (-> L = 16).
 """
 
 from __future__ import annotations
