@@ -47,6 +47,19 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def tiny_byte_lm(c: ml_collections.ConfigDict, data_name: str) -> None:
+    """The 2-CPU training recipe shared by the tiny byte-level LMs (lm_tiny, sse_h_tiny): data source
+    ``data_name`` at 128 bytes, batch 16, 600 steps, AdamW 3e-3 with 50 warmup steps, eval every 200."""
+    from sqattn import data
+    c.data = data.default_config(data_name)
+    c.data.seq_len = 128
+    c.batch_size = 16
+    c.num_steps = 600
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 50
+    c.eval_every = 200
+
+
 def runlocal(c: ml_collections.ConfigDict) -> None:
     """The ``runlocal`` variant of any config: a few small steps, for smoke tests on a laptop or CI.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from sqattn import data
 from sqattn.configs import base, parse_arg
 
 # size -> (d_model, num_layers, num_heads, num_kv_heads, mlp_dim)
@@ -31,13 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.base_config()
     if a.data not in ("text", "tfds"):
         raise ValueError(f"lm configs: data must be text|tfds, got {a.data!r}")
-    c.data = data.default_config(a.data)
-    c.data.seq_len = 128
-    c.batch_size = 16
-    c.num_steps = 600
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 50
-    c.eval_every = 200
+    base.tiny_byte_lm(c, a.data)
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=256,            # bytes
         d_model=d,

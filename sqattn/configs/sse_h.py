@@ -83,15 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"sse_h configs: data must be text|tfds, got {a.data!r}")
     s = SIZES[a.size]
     c = base.base_config()
-    c.data = data.default_config(a.data)
     if a.size == "tiny":
-        c.data.seq_len = 128
-        c.batch_size = 16
-        c.num_steps = 600
-        c.optim.lr = 3e-3
-        c.optim.warmup_steps = 50
-        c.eval_every = 200
+        base.tiny_byte_lm(c, a.data)
     else:
+        c.data = data.default_config(a.data)
         c.data.seq_len = 4096
         c.batch_size = 256
         c.num_steps = 95_367
