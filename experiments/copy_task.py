@@ -34,7 +34,6 @@ points per cell; the budget is below the note's, so absolute numbers are lower t
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -61,7 +60,6 @@ FLAGS = flags.FLAGS
 
 THRESHOLD = 0.9  # "copies" = per-token accuracy >= 90%
 SSM_MODELS = ("mamba2", "mamba")
-log = logging.getLogger("sqattn.copy_task")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,10 +311,8 @@ def time_grid(workdir: str, *, models: Sequence[str], d_states: Sequence[int], c
 
 def main(argv):
     del argv
-    logger = logging.getLogger("sqattn")
-    logger.setLevel(logging.WARNING)
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    from experiments import common
+    common.quiet_logging()
     d_states = [int(n) for n in FLAGS.d_states]
     copy_lens = [int(x) for x in FLAGS.copy_lens]
     seeds = [int(s) for s in FLAGS.seeds]

@@ -1,12 +1,15 @@
 """Liger linearisation at small scale (papers/liger.md §7): bits/byte of linearised variants vs the teacher.
 
-1. Teacher: a byte-level softmax-attention LM (``lm_tiny``: 4 layers, d_model 128, 4 heads / 2 kv heads,
-   SwiGLU, RoPE) trained on the Python stdlib sources in ``--teacher_workdir`` (default ``<workdir>/teacher``)
-   by ``train_and_evaluate``; a teacher workdir that already holds a checkpoint is loaded instead.
+1. Teacher: a byte-level softmax-attention LM trained on the Python stdlib sources in ``--teacher_workdir``
+   (default ``<workdir>/teacher``) by the trainer, with the small recipe of ``experiments.common``
+   (``lm_tiny`` at d_model 64, 4 layers, 4 heads / 2 kv heads, SwiGLU, RoPE, T 128, 500 steps). A teacher
+   workdir that already holds a checkpoint is loaded instead: any softmax-attention run of
+   ``experiments.train`` can be linearised.
 2. Each variant (liger.md §7 (a)-(f)): ``linearize_config`` -> build -> ``transplant`` the teacher (every
    teacher weight is reused) -> LoRA rank 8 / alpha 8 on q, k, v -> fine-tune only the adapters (plus the new
-   gate projection of ``fresh_gate``) with AdamW lr 1e-3 (no decay), grad clip 1, batch 8 on the teacher's
-   train text -> merge LoRA (the merged eval loss is checked against the unmerged one).
+   gate projection of ``fresh_gate``) with AdamW lr 1e-3 (no decay), grad clip 1, batch 8 x 128 bytes of the
+   teacher's train text -> merge LoRA (the merged eval loss is checked against the unmerged one) -> saved as a
+   run in ``<workdir>/models/<variant>`` (``experiments.sample --workdir=...`` samples from it).
 
    | variant      | Liger mixer config                          |
    |--------------|---------------------------------------------|
@@ -18,8 +21,8 @@
    | no_finetune  | liger, 0 fine-tune steps                    |
 
 3. Bits/byte on the eval split at each ``--eval_lengths`` (the same ``--eval_tokens`` at every length) for the
-   teacher and every variant. At 1024 the SWA window (16) covers far less context, which probes the recurrent
-   branch; the full-attention teacher was trained at 256 and must extrapolate RoPE there.
+   teacher and every variant. At 512 the SWA window (16) covers far less of the context, which probes the
+   recurrent branch; the full-attention teacher was trained at 128 and must extrapolate RoPE there.
 
   python -m experiments.linearize --workdir=/tmp/linearize                     # teacher + all 6 variants
   python -m experiments.linearize --workdir=/tmp/lin2 --teacher_workdir=/tmp/linearize/teacher \
@@ -29,27 +32,30 @@ Writes ``<workdir>/results.json`` and ``<workdir>/linearize.png`` (bpb per varia
 prints a markdown table and one JSON line. A finished variant (``<workdir>/variants/<name>.json`` with the same
 settings) is not run again.
 
-Measured with the defaults (first command; 2 CPU cores shared with other jobs, load average ~7; seed 0; teacher
-600 steps x 16 x 256 bytes in 23 min, 0.84M params, bf16 compute; 300 LoRA steps per variant in 4-14 min;
-65,536 eval bytes per length; every merged-LoRA eval within 1.5e-4 bpb of the unmerged one):
+Measured with the defaults (first command, from nothing: the teacher is trained first; 2 quiet CPU cores; seed
+0; 5 min 49 s in all: teacher 500 steps in 85 s, 0.21M params, bf16 compute, 2.27 bpb; each variant 300 LoRA
+steps at 0.05-0.13 s/step, 25-61 s with its evals; 32,768 eval bytes per length; every merged-LoRA eval within
+2.2e-4 bpb of the unmerged one):
 
-  | model                       | bpb@256 | bpb@1024 | Δ@256   | Δ@1024  | trainable params |
-  |-----------------------------|---------|----------|---------|---------|------------------|
-  | teacher (softmax attention) | 1.8171  | 3.4109   | 0       | 0       | -                |
-  | liger                       | 1.9219  | 1.9024   | +0.1048 | -1.5085 | 20480            |
-  | no_swa                      | 3.3009  | 3.2846   | +1.4838 | -0.1263 | 20480            |
-  | swa_only                    | 1.8603  | 1.8425   | +0.0432 | -1.5684 | 20480            |
-  | fresh_gate                  | 1.8914  | 1.8717   | +0.0743 | -1.5392 | 53248            |
-  | mamba2_gate                 | 1.9149  | 1.8975   | +0.0978 | -1.5134 | 20480            |
-  | no_finetune                 | 2.8845  | 5.3611   | +1.0674 | +1.9502 | 20480            |
+  | model                       | bpb@128 | bpb@512 | Δ@128   | Δ@512   | trainable params |
+  |-----------------------------|---------|---------|---------|---------|------------------|
+  | teacher (softmax attention) | 2.2700  | 3.7015  | 0       | 0       | -                |
+  | liger                       | 2.3875  | 2.3738  | +0.1176 | -1.3277 | 10240            |
+  | no_swa                      | 3.4419  | 3.4382  | +1.1719 | -0.2633 | 10240            |
+  | swa_only                    | 2.2806  | 2.2531  | +0.0106 | -1.4484 | 10240            |
+  | fresh_gate                  | 2.3409  | 2.3110  | +0.0710 | -1.3905 | 18432            |
+  | mamba2_gate                 | 2.3387  | 2.3144  | +0.0687 | -1.3871 | 10240            |
+  | no_finetune                 | 3.9787  | 5.4973  | +1.7087 | +1.7958 | -                |
 
-As liger.md §7 expects: fine-tuned Liger recovers most of the gap (no_finetune +1.07 -> +0.10 bpb at 256),
-dropping SWA is far worse (+1.48), and no fine-tuning is worst. Unlike the paper, at this scale and budget
-SWA alone beats Liger at both lengths (the 0.5 GLA branch costs ~0.06 bpb) and the fresh gate (2.6x the
-trainable parameters) beats the key-derived gate; the Mamba-2 scalar gate is on par with GLA's. At 1024 every
-windowed variant stays flat while the teacher, trained at 256, fails to extrapolate RoPE (3.41 bpb), so the
-1024 column compares the variants with each other, not with the teacher. One seed and no repeat, so the noise
-level is unknown: differences of a few hundredths of a bpb are not established.
+As liger.md §7 expects: fine-tuned Liger recovers most of the gap (no_finetune +1.71 -> +0.12 bpb at 128, 93%
+of it), dropping the window branch is by far the worst fine-tuned variant (+1.17), and no fine-tuning is
+worst. Unlike the paper, at this scale SWA alone beats Liger (the 0.5 GLA branch costs ~0.1 bpb) and both the
+fresh gate (1.8x the trainable parameters) and the Mamba-2 scalar gate beat the key-derived GLA gate. With 100
+LoRA steps instead of 300 the order is the same (liger +0.25, swa_only +0.02, fresh +0.15, mamba2 +0.13,
+no_swa +1.48). The same ablation with the d 128 lm_tiny teacher at T 256 (600 steps) gave the same order too
+(liger +0.10, swa_only +0.04, fresh +0.07, mamba2 +0.10). At 512 every windowed variant stays flat while the
+teacher fails to extrapolate RoPE (3.70 bpb), so that column compares the variants with each other, not with
+the teacher. One seed: differences of a few hundredths of a bpb are not established.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -86,20 +93,24 @@ log = logging.getLogger("sqattn.linearize")
 def define_flags() -> None:
     """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
     flags.DEFINE_string("workdir", "/tmp/sqattn/linearize", "Output directory (results.json, linearize.png).")
-    flags.DEFINE_string("teacher_workdir", "", "Teacher run directory (default <workdir>/teacher); trained there "
-                        "if it holds no checkpoint, else loaded.")
-    flags.DEFINE_string("teacher_config", "lm_tiny", "Registered config of the teacher (NAME[:arg]).")
-    flags.DEFINE_integer("teacher_steps", 600, "Teacher training steps (when it is trained here).")
-    flags.DEFINE_integer("teacher_seq_len", 256, "Teacher training sequence length (when trained here).")
+    flags.DEFINE_string("teacher_workdir", "", "Teacher run directory (default <workdir>/teacher): loaded if it "
+                        "holds a checkpoint (any softmax-attention LM run of experiments.train), else trained there.")
+    flags.DEFINE_integer("teacher_steps", 500, "Teacher training steps (when it is trained here).")
+    flags.DEFINE_integer("teacher_d_model", 64, "Teacher width (when trained here; lm_tiny recipe).")
+    flags.DEFINE_integer("teacher_layers", 4, "Teacher depth (when trained here).")
+    flags.DEFINE_integer("teacher_seq_len", 128, "Teacher training sequence length (when trained here).")
     flags.DEFINE_integer("steps", 300, "LoRA fine-tune steps per variant.")
+    flags.DEFINE_integer("finetune_seq_len", 128, "Fine-tune sequence length (bytes per row).")
     flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of {list(VARIANTS)}.")
     flags.DEFINE_integer("window", 16, "SWA window of the Liger branch (tokens, current included).")
-    flags.DEFINE_list("eval_lengths", ["256", "1024"], "Eval sequence lengths.")
-    flags.DEFINE_integer("eval_tokens", 65536, "Eval tokens per length (rows = eval_tokens // length).")
+    flags.DEFINE_list("eval_lengths", ["128", "512"], "Eval sequence lengths.")
+    flags.DEFINE_integer("eval_tokens", 32768, "Eval tokens per length (rows = eval_tokens // length).")
     flags.DEFINE_integer("batch_size", 8, "Fine-tune and eval batch size.")
     flags.DEFINE_float("lr", 1e-3, "Fine-tune learning rate (AdamW, constant).")
-    flags.DEFINE_integer("chunk_size", 64, "Chunk size of the GLA op in the Liger mixer.")
+    flags.DEFINE_integer("chunk_size", 32, "Chunk size of the GLA op in the Liger mixer.")
     flags.DEFINE_integer("seed", 0, "Seed of the LoRA / fresh-gate init and of the fine-tune data order.")
+    flags.DEFINE_bool("save_models", True, "Save each merged variant as a loadable run, <workdir>/models/<name> "
+                      "(sqattn.sample.load_model, experiments.sample, or resume training with experiments.train).")
     flags.DEFINE_bool("progress", True, "Progress bars.")
 
 
@@ -111,39 +122,15 @@ FLAGS = flags.FLAGS
 # ----------------------------------------------------------------------------------------------
 
 
-def _has_checkpoint(workdir: str) -> bool:
-    ckpt = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
-
-
-def teacher_config(name: str, steps: int, seq_len: int) -> ml_collections.ConfigDict:
-    """``name`` with the teacher overrides: ``num_steps=steps``, ``data.seq_len=seq_len``."""
-    from sqattn import configs
-    cfg = configs.get(name)
-    cfg.num_steps = steps
-    cfg.data.seq_len = seq_len
-    cfg.eval_every = 0
-    cfg.checkpoint_every = max(steps, 1)
-    return cfg
-
-
-def get_teacher(workdir: str, *, config_name: str, steps: int, seq_len: int,
+def get_teacher(workdir: str, *, steps: int, d_model: int, layers: int, seq_len: int,
                 progress: bool) -> tuple[nnx.Module, ml_collections.ConfigDict, dict]:
-    """Loads the teacher from ``workdir``, training it there first if it holds no checkpoint."""
-    from sqattn import sample
-    from sqattn.train import train_and_evaluate
-    info: dict[str, Any] = {"workdir": workdir, "trained_here": False}
-    if not _has_checkpoint(workdir):
-        cfg = teacher_config(config_name, steps, seq_len)
-        t0 = time.perf_counter()
-        out = train_and_evaluate(cfg, workdir, progress=progress)
-        info.update(trained_here=True, train_wall_s=time.perf_counter() - t0, config=config_name,
-                    train_loss=float(out["loss"]))
-    model, cfg = sample.load_model(workdir)
+    """Loads the teacher from ``workdir``, training the small recipe there first if it holds no checkpoint."""
+    from experiments import common
+    cfg = common.small_lm_config(steps=steps, d_model=d_model, layers=layers, seq_len=seq_len)
+    model, cfg, info = common.train_or_load(workdir, cfg, progress=progress)
     if "A" not in cfg.model.block_pattern:
         raise ValueError(f"teacher in {workdir} has block_pattern {cfg.model.block_pattern!r} without "
                          "attention ('A') layers: nothing to linearise")
-    info.update(steps=int(cfg.num_steps), seq_len=int(cfg.data.seq_len), dtype=cfg.model.dtype)
     return model, cfg, info
 
 
@@ -188,10 +175,13 @@ def _fresh_gate_filter(path, _):
 
 
 def finetune(model: nnx.Module, data_cfg, wrt, *, steps: int, batch_size: int, lr: float, seed: int,
-             progress: bool = False, desc: str = "finetune") -> dict[str, Any]:
-    """Trains the variables selected by ``wrt`` with AdamW (no decay, clip 1.0) on next-byte cross-entropy."""
+             seq_len: int | None = None, progress: bool = False, desc: str = "finetune") -> dict[str, Any]:
+    """Trains the variables selected by ``wrt`` with AdamW (no decay, clip 1.0) on next-byte cross-entropy,
+    on rows of ``seq_len`` bytes (default: the data config's)."""
     from sqattn import data
     cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    if seq_len:
+        cfg.seq_len = seq_len
     cfg.seed = int(cfg.get("seed", 0)) + 1000 + seed   # another draw of train windows than the teacher's
     ds = data.make_dataset(cfg, batch_size=batch_size, split="train")
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
@@ -250,11 +240,12 @@ def mixer_config(name: str, *, window: int, chunk_size: int) -> dict[str, Any]:
     return cfg
 
 
-def run_variant(name: str, teacher: nnx.Module, teacher_cfg, *, steps: int, window: int,
+def run_variant(name: str, teacher: nnx.Module, teacher_cfg, *, steps: int, finetune_seq_len: int, window: int,
                 eval_lengths: Sequence[int], eval_tokens: int, batch_size: int, lr: float, chunk_size: int,
-                seed: int, progress: bool) -> dict[str, Any]:
-    """Linearise, transplant, LoRA fine-tune, merge and evaluate one variant."""
-    from sqattn import models
+                seed: int, save_dir: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Linearise, transplant, LoRA fine-tune, merge and evaluate one variant; with ``save_dir``, the merged
+    student is saved there as a loadable run (``sqattn.sample.save_model``)."""
+    from sqattn import models, sample
     from sqattn.models.convert import linearize_config, transplant
     from sqattn.peft import LoRAParam, apply_lora, count_params, merge_lora
     t0 = time.perf_counter()
@@ -272,7 +263,7 @@ def run_variant(name: str, teacher: nnx.Module, teacher_cfg, *, steps: int, wind
         "trainable_params": count_params(student, wrt)}
     n_steps = steps if VARIANTS[name]["finetune"] else 0
     rec["finetune"] = finetune(student, teacher_cfg.data, wrt, steps=n_steps, batch_size=batch_size, lr=lr,
-                               seed=seed, progress=progress, desc=name)
+                               seed=seed, seq_len=finetune_seq_len, progress=progress, desc=name)
     first = eval_lengths[0]
     unmerged = eval_bpb(student, teacher_cfg.data, seq_len=first, eval_tokens=eval_tokens,
                         batch_size=batch_size, progress=progress, desc=f"{name} unmerged")
@@ -287,6 +278,12 @@ def run_variant(name: str, teacher: nnx.Module, teacher_cfg, *, steps: int, wind
     if not rec["merge_check"]["ok"]:
         log.warning("%s: merged LoRA eval %.5f differs from unmerged %.5f", name, bpb[str(first)], unmerged)
     rec["bpb"] = bpb
+    if save_dir:
+        student_cfg = ml_collections.ConfigDict(teacher_cfg.to_dict())
+        student_cfg.model = model_cfg
+        if os.path.isdir(save_dir):           # a stale save of other settings (its record was just recomputed)
+            shutil.rmtree(save_dir)
+        rec["saved_to"] = sample.save_model(save_dir, student, student_cfg)
     rec["wall_s"] = time.perf_counter() - t0
     return rec
 
@@ -308,7 +305,7 @@ def format_table(results: dict) -> str:
         bpb = rec["bpb"]
         lines.append(f"| {name} | " + " | ".join(f"{bpb[str(n)]:.4f}" for n in lengths) + " | "
                      + " | ".join(f"{bpb[str(n)] - t[str(n)]:+.4f}" for n in lengths)
-                     + f" | {rec['trainable_params']} |")
+                     + f" | {rec['trainable_params'] if rec['finetune']['steps'] else '- (not fine-tuned)'} |")
     return "\n".join(lines)
 
 
@@ -341,28 +338,32 @@ def plot(results: dict, path: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def run(workdir: str, *, teacher_workdir: str | None = None, teacher_config_name: str = "lm_tiny",
-        teacher_steps: int = 600, teacher_seq_len: int = 256, steps: int = 300,
-        variants: Sequence[str] = tuple(VARIANTS), window: int = 16, eval_lengths: Sequence[int] = (256, 1024),
-        eval_tokens: int = 65536, batch_size: int = 8, lr: float = 1e-3, chunk_size: int = 64, seed: int = 0,
-        progress: bool = True) -> dict[str, Any]:
+def run(workdir: str, *, teacher_workdir: str | None = None, teacher_steps: int = 500, teacher_d_model: int = 64,
+        teacher_layers: int = 4, teacher_seq_len: int = 128, steps: int = 300, finetune_seq_len: int = 128,
+        variants: Sequence[str] = tuple(VARIANTS), window: int = 16, eval_lengths: Sequence[int] = (128, 512),
+        eval_tokens: int = 32768, batch_size: int = 8, lr: float = 1e-3, chunk_size: int = 32, seed: int = 0,
+        save_models: bool = True, progress: bool = True) -> dict[str, Any]:
     """Teacher (trained or loaded), every variant, evaluation; writes results.json and linearize.png.
 
     Returns:
       {"settings", "teacher" ({"bpb": {length: bpb}, ...}), "variants" ({name: record}), "table"
-       ({name: {length: bpb}}, teacher included), "delta_vs_teacher", "plot"}.
+       ({name: {length: bpb}}, teacher included), "delta_vs_teacher", "plot", "wall_s"}.
     """
+    from experiments import common
     for name in variants:
         mixer_config(name, window=window, chunk_size=chunk_size)   # unknown names fail before any work
+    t0 = time.perf_counter()
     os.makedirs(os.path.join(workdir, "variants"), exist_ok=True)
     teacher_workdir = teacher_workdir or os.path.join(workdir, "teacher")
     eval_lengths = [int(n) for n in eval_lengths]
-    teacher, tcfg, tinfo = get_teacher(teacher_workdir, config_name=teacher_config_name, steps=teacher_steps,
-                                       seq_len=teacher_seq_len, progress=progress)
+    teacher, tcfg, tinfo = get_teacher(teacher_workdir, steps=teacher_steps, d_model=teacher_d_model,
+                                       layers=teacher_layers, seq_len=teacher_seq_len, progress=progress)
     settings = dict(teacher_workdir=teacher_workdir, teacher_steps=tinfo["steps"],
-                    teacher_seq_len=tinfo["seq_len"], steps=steps, variants=list(variants), window=window,
-                    eval_lengths=eval_lengths, eval_tokens=eval_tokens, batch_size=batch_size, lr=lr,
-                    chunk_size=chunk_size, seed=seed, lora=dict(targets=list(LORA_TARGETS), rank=8, alpha=8.0))
+                    teacher_seq_len=tinfo["seq_len"], teacher_d_model=tinfo["d_model"],
+                    teacher_layers=tinfo["num_layers"], steps=steps, finetune_seq_len=finetune_seq_len,
+                    variants=list(variants), window=window, eval_lengths=eval_lengths, eval_tokens=eval_tokens,
+                    batch_size=batch_size, lr=lr, chunk_size=chunk_size, seed=seed,
+                    lora=dict(targets=list(LORA_TARGETS), rank=8, alpha=8.0))
     tinfo["bpb"] = {str(n): eval_bpb(teacher, tcfg.data, seq_len=n, eval_tokens=eval_tokens,
                                      batch_size=batch_size, progress=progress, desc="teacher")
                     for n in eval_lengths}
@@ -374,18 +375,13 @@ def run(workdir: str, *, teacher_workdir: str | None = None, teacher_config_name
     key = {k: v for k, v in settings.items() if k != "variants"}
     try:
         for name in variants:
-            cache = os.path.join(workdir, "variants", f"{name}.json")
-            rec = None
-            if os.path.exists(cache):
-                with open(cache) as f:
-                    saved = json.load(f)
-                rec = saved["record"] if saved.get("settings") == key else None
-            if rec is None:
-                rec = run_variant(name, teacher, tcfg, steps=steps, window=window, eval_lengths=eval_lengths,
-                                  eval_tokens=eval_tokens, batch_size=batch_size, lr=lr, chunk_size=chunk_size,
-                                  seed=seed, progress=progress)
-                with open(cache, "w") as f:
-                    json.dump({"settings": key, "record": rec}, f, indent=2)
+            model_dir = os.path.join(workdir, "models", name) if save_models else None
+            rec, _ = common.cached_record(
+                os.path.join(workdir, "variants", f"{name}.json"), key,
+                lambda: run_variant(name, teacher, tcfg, steps=steps, finetune_seq_len=finetune_seq_len,
+                                    window=window, eval_lengths=eval_lengths, eval_tokens=eval_tokens,
+                                    batch_size=batch_size, lr=lr, chunk_size=chunk_size, seed=seed,
+                                    save_dir=model_dir, progress=progress))
             results["variants"][name] = rec
             if bar is not None:
                 bar.update(1)
@@ -398,6 +394,7 @@ def run(workdir: str, *, teacher_workdir: str | None = None, teacher_config_name
     results["delta_vs_teacher"] = {n: {k: v - t[k] for k, v in r["bpb"].items()}
                                    for n, r in results["variants"].items()}
     results["plot"] = plot(results, os.path.join(workdir, "linearize.png"))
+    results["wall_s"] = time.perf_counter() - t0
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
@@ -405,14 +402,15 @@ def run(workdir: str, *, teacher_workdir: str | None = None, teacher_config_name
 
 def main(argv):
     del argv
-    logging.getLogger("sqattn").setLevel(logging.WARNING)
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    out = run(FLAGS.workdir, teacher_workdir=FLAGS.teacher_workdir or None, teacher_config_name=FLAGS.teacher_config,
-              teacher_steps=FLAGS.teacher_steps, teacher_seq_len=FLAGS.teacher_seq_len, steps=FLAGS.steps,
+    from experiments import common
+    common.quiet_logging()
+    out = run(FLAGS.workdir, teacher_workdir=FLAGS.teacher_workdir or None, teacher_steps=FLAGS.teacher_steps,
+              teacher_d_model=FLAGS.teacher_d_model, teacher_layers=FLAGS.teacher_layers,
+              teacher_seq_len=FLAGS.teacher_seq_len, steps=FLAGS.steps, finetune_seq_len=FLAGS.finetune_seq_len,
               variants=FLAGS.variants, window=FLAGS.window, eval_lengths=[int(n) for n in FLAGS.eval_lengths],
               eval_tokens=FLAGS.eval_tokens, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
-              chunk_size=FLAGS.chunk_size, seed=FLAGS.seed, progress=FLAGS.progress)
+              chunk_size=FLAGS.chunk_size, seed=FLAGS.seed, save_models=FLAGS.save_models,
+              progress=FLAGS.progress)
     print(format_table(out))
     print(json.dumps({k: v for k, v in out.items() if k != "variants"}))
 

@@ -465,9 +465,8 @@ def run(workdir: str, *, parts: Sequence[str] = ("lm", "recall", "memory"),
 
 def main(argv):
     del argv
-    logging.getLogger("sqattn").setLevel(logging.WARNING)
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    from experiments import common
+    common.quiet_logging()
     out = run(FLAGS.workdir, parts=FLAGS.parts, models=FLAGS.models, steps=FLAGS.steps, seq_len=FLAGS.seq_len,
               runlocal=FLAGS.runlocal, recall_models=FLAGS.recall_models, recall_steps=FLAGS.recall_steps,
               recall_lr=FLAGS.recall_lr, seeds=[int(s) for s in FLAGS.seeds], progress=FLAGS.progress)

@@ -68,7 +68,10 @@ def load_model(workdir: str, step: int | None = None, *,
     Args:
       workdir: the run's directory (``config.json`` and ``checkpoints/<step>/``).
       step: checkpoint step to restore; ``None`` = the latest.
-      mesh: where to place the parameters; ``None`` = one device (the config's mesh is overridden to size 1).
+      mesh: where to place the parameters; ``None`` = one device (the config's mesh is overridden to size 1) and
+        the parameters come back as plain single-device arrays, not arrays on a 1-device mesh: jitted training
+        steps over them then compile once (a mesh-placed input makes the updated state's placement differ
+        from the input's, so step 2 compiled again) and ran ~2x faster on CPU in our measurements.
 
     Returns:
       ``(model, config)``: an ``nnx`` model holding the checkpoint's parameters, and the run's config.
@@ -101,8 +104,56 @@ def load_model(workdir: str, step: int | None = None, *,
         state = checkpointer.restore(step, setup.abstract_state, setup.state_shardings, config_json)
     finally:
         checkpointer.close()
-    model = nnx.merge(setup.graphdef, state["params"])
+    params = state["params"]
+    if mesh is None:
+        params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
+    model = nnx.merge(setup.graphdef, params)
     return model, config
+
+
+def save_model(workdir: str, model: nnx.Module, config: ml_collections.ConfigDict, *, step: int = 0) -> str:
+    """Writes ``model`` as a run directory: ``config.json`` and ``checkpoints/<step>/`` (its parameters and a
+    fresh optimizer state), in the trainer's format.
+
+    ``load_model(workdir)`` then returns the same model, ``experiments.sample --workdir`` samples from it, and
+    ``experiments.train`` with the same model config continues training it from ``step``. Use it for models
+    made outside the trainer (converted, grafted, fine-tuned with adapters merged).
+
+    Returns:
+      The checkpoint directory.
+
+    Raises:
+      FileExistsError: ``workdir`` already holds a checkpoint (never overwritten).
+      ValueError: the model's parameters do not match what ``config.model`` builds (names or shapes).
+    """
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
+        raise FileExistsError(f"{os.path.abspath(ckpt_dir)} already holds a checkpoint; save to another workdir "
+                              f"(nothing was written)")
+    config_json = json.loads(config.to_json_best_effort())
+    one = ml_collections.ConfigDict(config_json)
+    for axis in sharding.MESH_AXES:
+        one.mesh[axis] = 1
+    setup = state_lib.make_setup(one, single_device_mesh())
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    want = setup.abstract_state["params"]
+    got_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    want_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(want)}
+    if got_shapes != want_shapes:
+        diff = sorted(set(got_shapes.items()) ^ set(want_shapes.items()))[:6]
+        raise ValueError(f"the model's parameters do not match config.model (model_name "
+                         f"{config.get('model_name')!r}); first differences (path, shape): {diff}")
+    params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), params, want)
+    state = {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": setup.tx.init(params)}
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config_json, f, indent=2, sort_keys=True)
+    checkpointer = ckpt_lib.Checkpointer(workdir, int(config.get("keep_checkpoints", 3)))
+    try:
+        checkpointer.save(step, state, {"config": config_json})
+    finally:
+        checkpointer.close()
+    return os.path.join(os.path.abspath(ckpt_dir), str(step))
 
 
 # ----------------------------------------------------------------------------------------------- decoding

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Sequence
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 # (relative RMSE bound, max-abs floor) per dtype of the computation under test.
 _TOL = {
@@ -38,3 +41,19 @@ def assert_close(actual, expected, dtype=jnp.float32, name: str = "value", rtol=
     ok = rmse <= rtol * ref_rms or max_abs <= atol
     assert ok, (f"{name}: rel RMSE {rmse / max(ref_rms, 1e-30):.3e} (bound {rtol:.1e}), "
                 f"max abs {max_abs:.3e} (floor {atol:.1e})")
+
+
+def upcast_bf16(tree):
+    """Every bfloat16 leaf of ``tree`` as float32: the reference run on the same rounded inputs."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, tree)
+
+
+def assert_grads_close(actual: Sequence, expected: Sequence, names: Sequence[str], dtype, tag: str) -> None:
+    """``assert_close`` per named gradient, with equal shape and dtype; a ``None`` reference (no gradient for
+    that input) requires ``None``."""
+    for name, a, e in zip(names, actual, expected, strict=True):
+        if e is None:
+            assert a is None, f"{tag}: {name} should be None"
+            continue
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{tag}: {name} {a.dtype}{a.shape}"
+        assert_close(a, e, dtype, f"{tag} {name}")

@@ -352,6 +352,30 @@ class HAMburger(nnx.Module):
         toks, n_macro, _, _ = self._run(prompt, max_new_tokens, confidence, None, None)
         return toks, n_macro
 
+    def generate_batch(self, prompts: np.ndarray, max_new_tokens: int,
+                       confidence: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+        """``generate`` for ``k`` prompts of one length at once (the macro loop vmapped; each row is
+        exactly what ``generate`` returns for it alone).
+
+        Returns:
+          ``(tokens int32 [k, max_new_tokens], n_macro_steps int [k])``.
+        """
+        prompts = np.asarray(prompts)
+        if prompts.ndim != 2:
+            raise ValueError(f"prompts must be [k, prompt_len], got shape {prompts.shape}")
+        for row in prompts:
+            _check_prompt(row, max_new_tokens)
+        graphdef, state = nnx.split(self)
+        k, p = prompts.shape
+        num_slots = -(-(p + max_new_tokens) // 16) * 16
+        ft = jnp.zeros((k, max_new_tokens + self.s_max), jnp.int32)
+        fl = jnp.zeros((k, max_new_tokens), jnp.int32)
+        toks, n_macro, _, _ = _decode_batch(graphdef, state, jnp.asarray(prompts, jnp.int32),
+                                            jnp.float32(confidence), ft, fl, max_new_tokens=max_new_tokens,
+                                            num_slots=num_slots, forced=False)
+        toks, n_macro = jax.device_get((toks, n_macro))
+        return np.asarray(toks, np.int32), np.asarray(n_macro, np.int64)
+
     def forced_decode(self, prompt_tokens: Sequence[int] | np.ndarray, response_tokens: Sequence[int] | np.ndarray,
                       group_lens: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The generation path with its tokens and group lengths forced (argmax and stop head ignored).
@@ -396,9 +420,8 @@ def _check_prompt(prompt_tokens, max_new_tokens: int) -> np.ndarray:
     return prompt.astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_slots", "forced"))
-def _decode(graphdef, state, prompt: jax.Array, confidence: jax.Array, forced_tokens: jax.Array,
-            forced_lens: jax.Array, *, max_new_tokens: int, num_slots: int, forced: bool):
+def _decode_one(graphdef, state, prompt: jax.Array, confidence: jax.Array, forced_tokens: jax.Array,
+                forced_lens: jax.Array, *, max_new_tokens: int, num_slots: int, forced: bool):
     """Macro-step loop (``lax.while_loop``) with a fixed s_max-iteration micro loop inside.
 
     Returns tokens ``[max_new_tokens]``, the number of macro steps, and per-macro-step logits ``[M, s, V]`` and
@@ -451,3 +474,18 @@ def _decode(graphdef, state, prompt: jax.Array, confidence: jax.Array, forced_to
 
     m, _, _, _, _, out, rec_logits, rec_stop = jax.lax.while_loop(cond, body, init)
     return out[:max_new_tokens], m, rec_logits, rec_stop
+
+
+_STATIC = ("graphdef", "max_new_tokens", "num_slots", "forced")
+_decode = jax.jit(_decode_one, static_argnames=_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _decode_batch(graphdef, state, prompts, confidence, forced_tokens, forced_lens, *, max_new_tokens: int,
+                  num_slots: int, forced: bool):
+    """``_decode_one`` over a batch of prompts ``[k, p]`` (a vmapped while loop: it runs until every row is
+    done; finished rows are left unchanged)."""
+    def one(prompt, ft, fl):
+        return _decode_one(graphdef, state, prompt, confidence, ft, fl, max_new_tokens=max_new_tokens,
+                           num_slots=num_slots, forced=forced)
+    return jax.vmap(one)(prompts, forced_tokens, forced_lens)

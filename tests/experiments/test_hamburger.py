@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from experiments import common
 from experiments import hamburger as exp
 
 TINY = dict(base_steps=3, base_d_model=32, base_layers=1, seq_len=32, batch_size=4, steps=2, train_prompt_len=8,
@@ -38,11 +39,12 @@ def test_run_end_to_end(tmp_path):
     # c = 0 never stops early: 6 tokens in 3 macro steps; c = 1 stops after every token: the fine-tuned base
     assert rows[0.0]["kv_compression"] == 2.0 and rows[0.0]["base_forwards_per_token"] == 0.5
     assert rows[1.0]["kv_compression"] == 1.0
-    for key in ("agreement", "prefix_agreement", "base_argmax_rate", "base_nll"):
+    for key in ("agreement", "prefix_agreement", "base_argmax_rate", "base_nll", "samples"):
         assert rows[1.0][key] == saved["reference"]["finetuned_base"][key], key
     assert saved["reference"]["frozen_base"]["agreement"] == 1.0
+    assert len(rows[0.0]["samples"]) == 2 and all(isinstance(t, str) for t in rows[0.0]["samples"])
     assert out["finetune"]["curve"][-1]["step"] == 2 and out["finetune"]["traces"] == 1   # compiled once
     # the base checkpoint is found and loaded, not trained again
-    cfg = exp.base_config(steps=99, d_model=32, layers=1, seq_len=32, batch_size=4)
-    _, config, info = exp.get_base(str(tmp_path / "base"), cfg, progress=False)
+    cfg = common.small_lm_config(steps=99, d_model=32, layers=1, seq_len=32, batch_size=4)
+    _, config, info = common.train_or_load(str(tmp_path / "base"), cfg, progress=False)
     assert not info["trained_here"] and config.num_steps == 3

@@ -7,18 +7,19 @@ import os
 import pytest
 
 from experiments import linearize
+from sqattn import sample
 
 
 def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
     workdir = str(tmp_path / "lin")
-    kw = dict(teacher_config_name="lm_tiny:runlocal", teacher_steps=2, teacher_seq_len=32, steps=3,
-              variants=["liger", "fresh_gate"], window=4, eval_lengths=[32, 64], eval_tokens=512, batch_size=8,
-              chunk_size=16, progress=False)
+    kw = dict(teacher_steps=2, teacher_d_model=32, teacher_layers=2, teacher_seq_len=32, steps=3,
+              finetune_seq_len=32, variants=["liger", "fresh_gate"], window=4, eval_lengths=[32, 64],
+              eval_tokens=512, batch_size=8, chunk_size=16, progress=False)
     out = linearize.run(workdir, **kw)
     with open(os.path.join(workdir, "results.json")) as f:
         saved = json.load(f)
     assert os.path.getsize(os.path.join(workdir, "linearize.png")) > 1000
-    assert set(saved) == {"settings", "teacher", "variants", "table", "delta_vs_teacher", "plot"}
+    assert set(saved) == {"settings", "teacher", "variants", "table", "delta_vs_teacher", "plot", "wall_s"}
     assert saved["teacher"]["trained_here"] and saved["teacher"]["steps"] == 2
     assert set(saved["table"]) == {"teacher", "liger", "fresh_gate"}
     for name, rec in saved["variants"].items():
@@ -28,9 +29,14 @@ def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
         assert saved["delta_vs_teacher"][name]["32"] == pytest.approx(rec["bpb"]["32"] - saved["teacher"]["bpb"]["32"])
     fresh, liger = saved["variants"]["fresh_gate"], saved["variants"]["liger"]
     assert fresh["new_params"] == ["blocks/0/mixer/gate/kernel", "blocks/1/mixer/gate/kernel"]
-    d = 64                                                               # lm_tiny:runlocal d_model
+    d = 32                                                               # teacher_d_model
     assert fresh["trainable_params"] == liger["trainable_params"] + 2 * d * d // 2   # + the gate (g*hd = d/2)
     assert "| liger |" in linearize.format_table(out)
+    # The merged students were saved as runs: loaded back, they score what the experiment measured.
+    student, cfg = sample.load_model(os.path.join(workdir, "models", "liger"))
+    assert cfg.model.block_pattern == "LL" and cfg.model.mixers.liger.window == 4
+    again_bpb = linearize.eval_bpb(student, cfg.data, seq_len=32, eval_tokens=512, batch_size=8)
+    assert again_bpb == pytest.approx(liger["bpb"]["32"], rel=1e-6)
     # Rerun: the teacher is loaded (not retrained) and finished variants are read back.
     monkeypatch.setattr("sqattn.train.train_and_evaluate", lambda *a, **k: pytest.fail("teacher retrained"))
     monkeypatch.setattr(linearize, "run_variant", lambda *a, **k: pytest.fail("variant rerun"))

@@ -85,6 +85,8 @@ def test_load_model_restores_the_trained_params(run, loaded):
     assert moved > 1e-4, moved
     leaves = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     assert {d for x in leaves for d in x.devices()} == {jax.devices()[0]}     # restored onto one device
+    # ... as plain single-device arrays, not on a 1-device mesh (jitted steps over them compile once)
+    assert all(isinstance(x.sharding, jax.sharding.SingleDeviceSharding) for x in leaves)
 
 
 def test_loaded_model_reproduces_the_runs_final_eval_loss(run, loaded):
@@ -129,6 +131,37 @@ def test_load_model_errors(run, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         sample.load_model(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------- save_model
+def test_save_model_round_trip_and_resume(run, loaded, tmp_path):
+    _, config, _ = run
+    model, _ = loaded
+    out = str(tmp_path / "saved")
+    where = sample.save_model(out, model, config, step=0)
+    assert where == os.path.join(out, "checkpoints", "0")
+    again, cfg = sample.load_model(out)
+    assert cfg.model.to_dict() == config.model.to_dict()
+    for g, w in zip(jax.tree.leaves(_params(again)), jax.tree.leaves(_params(model))):
+        np.testing.assert_array_equal(g, w)
+    # the trainer resumes the saved run (from step 0, with the saved weights) and writes its next checkpoints
+    result = train_and_evaluate(config, out, progress=False)
+    assert result["step"] == config.num_steps
+    assert sample.load_model(out)[0] is not None
+    # never overwritten: a second save into a workdir with a checkpoint fails and leaves it as it was
+    before = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        sample.save_model(out, model, config)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
+
+
+def test_save_model_rejects_a_model_its_config_does_not_build(run, loaded, tmp_path):
+    _, config, _ = run
+    other = ml_collections.ConfigDict(config.to_dict())
+    other.model.d_model = 2 * config.model.d_model
+    with pytest.raises(ValueError, match="do not match config.model"):
+        sample.save_model(str(tmp_path / "bad"), loaded[0], other)
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
 # ----------------------------------------------------------------------------------------------- generate

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from kernels.sse import pallas, sse, sse_step, topk_indices, topk_mask, topk_rank
-from tests.testing import assert_close
+from tests.testing import assert_close, assert_grads_close, upcast_bf16
 
 B, H, K, V = 2, 2, 8, 12  # K, V not powers of two: the kernel wrapper pads them
 IMPLS = ("ref", "chunked", "interpret")
@@ -111,17 +111,8 @@ def _fwd_bwd(args, cotangents, *, impl: str, chunk_size: int):
     return out, vjp(cotangents)
 
 
-def _upcast(tree):
-    return jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, tree)
-
-
 def _check_grads(actual, expected, dtype, tag):
-    for name, a, e in zip(GRAD_NAMES, actual, expected):
-        if e is None:
-            assert a is None, f"{tag}: {name} should be None"
-            continue
-        assert a.shape == e.shape and a.dtype == e.dtype, f"{tag}: {name} {a.dtype}{a.shape}"
-        assert_close(a, e, dtype, f"{tag} {name}")
+    assert_grads_close(actual, expected, GRAD_NAMES, dtype, tag)
 
 
 @pytest.mark.parametrize("case", (CASE_A, CASE_B), ids=("T37-C32-n3k2-h0-seg-ties",
@@ -171,13 +162,13 @@ def test_bf16_inputs():
                  h0, seg)
     cts_bf16 = (do.astype(jnp.bfloat16), dh)
     (o, s), grads = _fwd_bwd(args_bf16, cts_bf16, impl="interpret", chunk_size=CASE_A.chunk)
-    (o_ref, s_ref), grads_ref = _fwd_bwd(_upcast(args_bf16), _upcast(cts_bf16), impl="ref",
+    (o_ref, s_ref), grads_ref = _fwd_bwd(upcast_bf16(args_bf16), upcast_bf16(cts_bf16), impl="ref",
                                          chunk_size=CASE_A.chunk)
     assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
     assert_close(o, o_ref, jnp.bfloat16, "o")
     assert_close(s, s_ref, jnp.bfloat16, "final_state")
     assert [x.dtype for x in grads[:3]] == [jnp.bfloat16] * 3
-    _check_grads(_upcast(grads), grads_ref, jnp.bfloat16, "bf16 interpret")
+    _check_grads(upcast_bf16(grads), grads_ref, jnp.bfloat16, "bf16 interpret")
 
 
 def test_step_by_step_decode_matches():

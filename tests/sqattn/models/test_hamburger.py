@@ -199,3 +199,23 @@ def test_generation_limits_of_confidence():
     logits, _ = model.forced_decode(prompt, toks0, [3, 3, 3, 1])
     chosen = np.concatenate([np.argmax(logits[k, :s], -1) for k, s in enumerate([3, 3, 3, 1])])
     np.testing.assert_array_equal(chosen, toks0)
+
+
+@pytest.mark.parametrize("confidence", [0.0, 0.5, 1.0])
+def test_generate_batch_rows_equal_single_prompt_generation(confidence):
+    model = _model()
+    prompts = np.stack([_tokens(seed)[:P] for seed in (3, 4, 5)])
+    n_new = sum(LENS)
+    toks, n_macro = model.generate_batch(prompts, n_new, confidence=confidence)
+    assert toks.shape == (3, n_new) and n_macro.shape == (3,)
+    for row, prompt in enumerate(prompts):
+        single, n_single = model.generate(prompt, n_new, confidence=confidence)
+        np.testing.assert_array_equal(toks[row], single)
+        assert n_macro[row] == n_single
+
+
+def test_generate_batch_rejects_bad_prompts():
+    with pytest.raises(ValueError, match=r"\[k, prompt_len\]"):
+        _model().generate_batch(np.zeros((4,), np.int32), 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        _model().generate_batch(np.zeros((2, 4), np.int32), 0)
