@@ -360,6 +360,33 @@ class HAMburger(nnx.Module):
         Returns:
           ``(tokens int32 [k, max_new_tokens], n_macro_steps int [k])``.
         """
+        toks, n_macro, _ = self._run_batch(prompts, max_new_tokens, confidence, None)
+        return toks, n_macro
+
+    def read_batch(self, prompts: np.ndarray, texts: np.ndarray,
+                   confidence: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+        """Reads given continuations the way generation would segment them: each macro step emits the *given*
+        tokens, and the stop head decides (at ``confidence``) where the step ends.
+
+        This measures the KV compression the model would reach on real text, and how often its micro-step
+        argmax agrees with that text, free of what greedy decoding drifts into (e.g. runs of spaces).
+
+        Args:
+          prompts: ``[k, p]`` token ids.
+          texts: ``[k, m]`` token ids that follow each prompt.
+
+        Returns:
+          ``(n_macro_steps int [k], hits bool [k, m])``: macro steps taken over the m tokens, and whether the
+          micro-step argmax at each token equals it. At ``confidence=1`` every step is one token, so ``hits``
+          is the base model's next-token accuracy on the text.
+        """
+        texts = np.asarray(texts)
+        if texts.ndim != 2 or texts.shape[0] != np.shape(prompts)[0]:
+            raise ValueError(f"texts must be [k, m] with k = {np.shape(prompts)[0]} prompts, got {texts.shape}")
+        _, n_macro, hits = self._run_batch(prompts, texts.shape[1], confidence, texts)
+        return n_macro, hits
+
+    def _run_batch(self, prompts, max_new_tokens: int, confidence: float, texts):
         prompts = np.asarray(prompts)
         if prompts.ndim != 2:
             raise ValueError(f"prompts must be [k, prompt_len], got shape {prompts.shape}")
@@ -368,13 +395,15 @@ class HAMburger(nnx.Module):
         graphdef, state = nnx.split(self)
         k, p = prompts.shape
         num_slots = -(-(p + max_new_tokens) // 16) * 16
-        ft = jnp.zeros((k, max_new_tokens + self.s_max), jnp.int32)
+        ft = np.zeros((k, max_new_tokens + self.s_max), np.int32)
+        if texts is not None:
+            ft[:, :max_new_tokens] = texts
         fl = jnp.zeros((k, max_new_tokens), jnp.int32)
-        toks, n_macro, _, _ = _decode_batch(graphdef, state, jnp.asarray(prompts, jnp.int32),
-                                            jnp.float32(confidence), ft, fl, max_new_tokens=max_new_tokens,
-                                            num_slots=num_slots, forced=False)
-        toks, n_macro = jax.device_get((toks, n_macro))
-        return np.asarray(toks, np.int32), np.asarray(n_macro, np.int64)
+        toks, n_macro, _, _, hits = _decode_batch(
+            graphdef, state, jnp.asarray(prompts, jnp.int32), jnp.float32(confidence), jnp.asarray(ft), fl,
+            max_new_tokens=max_new_tokens, num_slots=num_slots, mode="free" if texts is None else "tokens")
+        toks, n_macro, hits = jax.device_get((toks, n_macro, hits))
+        return np.asarray(toks, np.int32), np.asarray(n_macro, np.int64), np.asarray(hits, bool)
 
     def forced_decode(self, prompt_tokens: Sequence[int] | np.ndarray, response_tokens: Sequence[int] | np.ndarray,
                       group_lens: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -403,9 +432,9 @@ class HAMburger(nnx.Module):
             ft[:max_new] = forced_tokens
             fl[:forced_lens.size] = forced_lens
         num_slots = -(-(prompt.size + max_new) // 16) * 16          # bucket: one compile per 16 slots
-        toks, n_macro, logits, stop = _decode(graphdef, state, jnp.asarray(prompt), jnp.float32(confidence),
-                                              jnp.asarray(ft), jnp.asarray(fl), max_new_tokens=max_new,
-                                              num_slots=num_slots, forced=forced)
+        toks, n_macro, logits, stop, _ = _decode(graphdef, state, jnp.asarray(prompt), jnp.float32(confidence),
+                                                 jnp.asarray(ft), jnp.asarray(fl), max_new_tokens=max_new,
+                                                 num_slots=num_slots, mode="forced" if forced else "free")
         toks, n_macro, logits, stop = jax.device_get((toks, n_macro, logits, stop))
         return np.asarray(toks, np.int32), int(n_macro), np.asarray(logits), np.asarray(stop)
 
@@ -421,12 +450,18 @@ def _check_prompt(prompt_tokens, max_new_tokens: int) -> np.ndarray:
 
 
 def _decode_one(graphdef, state, prompt: jax.Array, confidence: jax.Array, forced_tokens: jax.Array,
-                forced_lens: jax.Array, *, max_new_tokens: int, num_slots: int, forced: bool):
+                forced_lens: jax.Array, *, max_new_tokens: int, num_slots: int, mode: str):
     """Macro-step loop (``lax.while_loop``) with a fixed s_max-iteration micro loop inside.
 
-    Returns tokens ``[max_new_tokens]``, the number of macro steps, and per-macro-step logits ``[M, s, V]`` and
-    stop logits ``[M, s]`` (M = max_new_tokens, the most macro steps possible).
+    ``mode``: "free" (argmax tokens, the stop head ends each step), "forced" (``forced_tokens`` and
+    ``forced_lens`` both given) or "tokens" (``forced_tokens`` given, the stop head ends each step).
+
+    Returns tokens ``[max_new_tokens]``, the number of macro steps, per-macro-step logits ``[M, s, V]`` and
+    stop logits ``[M, s]`` (M = max_new_tokens, the most macro steps possible), and ``hits
+    [max_new_tokens]``: whether the micro-step argmax equals the emitted token.
     """
+    if mode not in ("free", "forced", "tokens"):
+        raise ValueError(f"mode must be 'free', 'forced' or 'tokens', got {mode!r}")
     model: HAMburger = nnx.merge(graphdef, state)
     s = model.s_max
     p = prompt.shape[0]
@@ -435,28 +470,31 @@ def _decode_one(graphdef, state, prompt: jax.Array, confidence: jax.Array, force
     gl = jnp.zeros((num_slots,), jnp.int32).at[:p].set(1)
     pos = jnp.arange(num_slots, dtype=jnp.int32)     # slots past the current one are causally invisible
     init = (jnp.int32(0), jnp.int32(0), gt, gl, pos, jnp.zeros((max_new_tokens + s,), jnp.int32),
-            jnp.zeros((max_new_tokens, s, vocab), jnp.float32), jnp.zeros((max_new_tokens, s), jnp.float32))
+            jnp.zeros((max_new_tokens, s, vocab), jnp.float32), jnp.zeros((max_new_tokens, s), jnp.float32),
+            jnp.zeros((max_new_tokens + s,), bool))
 
     def cond(carry):
         return carry[1] < max_new_tokens
 
     def body(carry):
-        m, emitted, gt, gl, pos, out, rec_logits, rec_stop = carry
+        m, emitted, gt, gl, pos, out, rec_logits, rec_stop, hits = carry
         slot = p - 1 + m                                                           # the producing slot
         taps = model.slot_taps(gt[None], gl[None], pos[None])[0]                   # [S,n,D]
         taps = jax.lax.dynamic_index_in_dim(taps, slot, axis=0, keepdims=True)    # [1,n,D]
         forced_group = jax.lax.dynamic_slice_in_dim(forced_tokens, emitted, s)    # [s]
         toks = jnp.zeros((1, s), jnp.int32)
-        step_logits, step_stop = [], []
+        step_logits, step_stop, step_hit = [], [], []
         for i in range(s):                                                         # fixed micro loop
             h = model.decoder(taps, model.base.embed(toks[:, :-1]))[:, i]         # [1,D]: sees toks[:i] only
             lg = model.head(h)[0]                                                  # [V]
-            tok = forced_group[i] if forced else jnp.argmax(lg).astype(jnp.int32)
+            best = jnp.argmax(lg).astype(jnp.int32)
+            tok = best if mode == "free" else forced_group[i]
             toks = toks.at[0, i].set(tok)
+            step_hit.append(best == tok)
             step_logits.append(lg)
             step_stop.append(model.decoder.stop(h)[0])
         stop_logits = jnp.stack(step_stop)                                         # [s]
-        if forced:
+        if mode == "forced":
             n_emit = forced_lens[m]
         else:
             go_on = (1.0 - jax.nn.sigmoid(stop_logits[:-1])) >= confidence         # [s-1]: continue after i
@@ -468,24 +506,25 @@ def _decode_one(graphdef, state, prompt: jax.Array, confidence: jax.Array, force
         gl = gl.at[slot + 1].set(n_emit)
         pos = pos.at[slot + 1].set(p - 1 + emitted + n_emit)                      # index of its last token
         out = jax.lax.dynamic_update_slice_in_dim(out, toks[0], emitted, axis=0)  # extras get overwritten
+        hits = jax.lax.dynamic_update_slice_in_dim(hits, jnp.stack(step_hit), emitted, axis=0)
         rec_logits = rec_logits.at[m].set(jnp.stack(step_logits))
         rec_stop = rec_stop.at[m].set(stop_logits)
-        return m + 1, emitted + n_emit, gt, gl, pos, out, rec_logits, rec_stop
+        return m + 1, emitted + n_emit, gt, gl, pos, out, rec_logits, rec_stop, hits
 
-    m, _, _, _, _, out, rec_logits, rec_stop = jax.lax.while_loop(cond, body, init)
-    return out[:max_new_tokens], m, rec_logits, rec_stop
+    m, _, _, _, _, out, rec_logits, rec_stop, hits = jax.lax.while_loop(cond, body, init)
+    return out[:max_new_tokens], m, rec_logits, rec_stop, hits[:max_new_tokens]
 
 
-_STATIC = ("graphdef", "max_new_tokens", "num_slots", "forced")
+_STATIC = ("graphdef", "max_new_tokens", "num_slots", "mode")
 _decode = jax.jit(_decode_one, static_argnames=_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _decode_batch(graphdef, state, prompts, confidence, forced_tokens, forced_lens, *, max_new_tokens: int,
-                  num_slots: int, forced: bool):
+                  num_slots: int, mode: str):
     """``_decode_one`` over a batch of prompts ``[k, p]`` (a vmapped while loop: it runs until every row is
     done; finished rows are left unchanged)."""
     def one(prompt, ft, fl):
         return _decode_one(graphdef, state, prompt, confidence, ft, fl, max_new_tokens=max_new_tokens,
-                           num_slots=num_slots, forced=forced)
+                           num_slots=num_slots, mode=mode)
     return jax.vmap(one)(prompts, forced_tokens, forced_lens)

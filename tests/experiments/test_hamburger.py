@@ -43,6 +43,14 @@ def test_run_end_to_end(tmp_path):
         assert rows[1.0][key] == saved["reference"]["finetuned_base"][key], key
     assert saved["reference"]["frozen_base"]["agreement"] == 1.0
     assert len(rows[0.0]["samples"]) == 2 and all(isinstance(t, str) for t in rows[0.0]["samples"])
+    reading = saved["reading"]
+    assert reading["tokens"] == 2 * 6
+    by_c = {r["confidence"]: r for r in reading["rows"]}
+    assert by_c[0.0]["kv_compression"] == 2.0 and by_c[1.0]["kv_compression"] == 1.0   # s_max 2, 6 tokens
+    assert by_c[1.0]["accuracy"] == reading["finetuned_base_accuracy"]               # c = 1 is the base
+    assert 0.0 <= reading["frozen_base_accuracy"] <= 1.0
+    table = exp.format_table(out)
+    assert "| fine-tuned base | 1.00 | 1.00 |" in table and "Reading 12 held-out tokens" in table
     assert out["finetune"]["curve"][-1]["step"] == 2 and out["finetune"]["traces"] == 1   # compiled once
     # the base checkpoint is found and loaded, not trained again
     cfg = common.small_lm_config(steps=99, d_model=32, layers=1, seq_len=32, batch_size=4)

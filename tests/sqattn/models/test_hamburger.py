@@ -219,3 +219,27 @@ def test_generate_batch_rejects_bad_prompts():
         _model().generate_batch(np.zeros((4,), np.int32), 3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         _model().generate_batch(np.zeros((2, 4), np.int32), 0)
+
+
+def test_read_batch_segments_given_text_like_generation():
+    model = _model()
+    prompts = np.stack([_tokens(seed)[:P] for seed in (3, 4, 5)])
+    n_new = sum(LENS)
+    # reading its own greedy output back reproduces generation's segmentation, every token a hit
+    for c in (0.0, 0.5):
+        toks, n_macro = model.generate_batch(prompts, n_new, confidence=c)
+        n_read, hits = model.read_batch(prompts, toks, confidence=c)
+        np.testing.assert_array_equal(n_read, n_macro)
+        assert hits.shape == (3, n_new) and hits.all()
+    texts = np.stack([_tokens(seed)[P:] for seed in (6, 7, 8)])          # random text: few hits
+    n_read, hits = model.read_batch(prompts, texts, confidence=0.0)
+    np.testing.assert_array_equal(n_read, -(-n_new // S_MAX))                 # never stops early
+    # c = 1: one token per step, so hits are the base model's next-token argmax accuracy on the text
+    n_read, hits = model.read_batch(prompts, texts, confidence=1.0)
+    np.testing.assert_array_equal(n_read, n_new)
+    seq = np.concatenate([prompts, texts], axis=1)
+    logits = np.asarray(model.base(jnp.asarray(seq))[0])                     # [k, P + n, V]
+    np.testing.assert_array_equal(hits, np.argmax(logits[:, P - 1:-1], -1) == texts)
+    assert not hits.all()                                                   # random text is not all hits
+    with pytest.raises(ValueError, match=r"texts must be \[k, m\]"):
+        model.read_batch(prompts, texts[:2])
