@@ -101,10 +101,12 @@ def load_model(workdir: str, step: int | None = None, *,
             raise FileNotFoundError(f"no checkpoint at step {step} in {checkpointer.directory}; "
                                     f"available steps: {steps}")
         setup = state_lib.make_setup(config, mesh or single_device_mesh())
-        state = checkpointer.restore(step, setup.abstract_state, setup.state_shardings, config_json)
+        params = checkpointer.restore_params(step, setup.abstract_state["params"],
+                                             setup.state_shardings["params"], config_json)
+        if params is None:            # an orbax without partial restore: read the whole train state
+            params = checkpointer.restore(step, setup.abstract_state, setup.state_shardings, config_json)["params"]
     finally:
         checkpointer.close()
-    params = state["params"]
     if mesh is None:
         params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
     model = nnx.merge(setup.graphdef, params)

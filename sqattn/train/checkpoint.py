@@ -15,6 +15,11 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _target(abstract, shardings):
+    """``ShapeDtypeStruct`` leaves carrying the shardings to restore into."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used."""
 
@@ -38,8 +43,8 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_state: dict, shardings: dict, config_json: dict) -> dict:
-        """Restores ``step`` into ``shardings``; checks that the model config matches the saved one."""
+    def _check_meta(self, step: int, config_json: dict) -> str:
+        """Raises ``CheckpointError`` unless ``step``'s metadata is readable and its model config matches."""
         where = os.path.join(self.directory, str(step))
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -53,14 +58,38 @@ class Checkpointer:
                 f"saved:   {json.dumps(saved_model, sort_keys=True)}\n"
                 f"current: {json.dumps(config_json.get('model'), sort_keys=True)}\n"
                 f"Use another --workdir, or the saved config.")
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, shardings)
+        return where
+
+    def restore(self, step: int, abstract_state: dict, shardings: dict, config_json: dict) -> dict:
+        """Restores ``step`` into ``shardings``; checks that the model config matches the saved one."""
+        where = self._check_meta(step, config_json)
+        target = _target(abstract_state, shardings)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {where} could not be restored ({type(e).__name__}: {e}). "
                                   f"It was left in place; move it aside to start over.") from e
         return out["state"]
+
+    def restore_params(self, step: int, abstract_params, shardings, config_json: dict):
+        """Restores only ``state["params"]`` of ``step`` (no optimizer state is read or allocated).
+
+        Returns ``None`` where the installed orbax cannot restore part of a tree; restore the whole state
+        then.
+        """
+        where = self._check_meta(step, config_json)
+        target = {"params": _target(abstract_params, shardings)}
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target)
+        try:
+            args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+        except TypeError:             # an orbax without partial restore
+            return None
+        try:
+            out = ocp.PyTreeCheckpointer().restore(os.path.join(where, "state"), args=args)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {where} could not be restored ({type(e).__name__}: {e}). "
+                                  f"It was left in place.") from e
+        return out["params"]
 
     def close(self) -> None:
         self.manager.close()

@@ -104,6 +104,18 @@ def test_loaded_model_reproduces_the_runs_final_eval_loss(run, loaded):
     assert_close(nll / weight, result["eval_loss"], jnp.float32, "eval loss of the restored model")
 
 
+def test_load_model_reads_only_the_params(run, monkeypatch):
+    """The optimizer state is neither read nor allocated: the full-state restore is never called."""
+    import inspect
+    import orbax.checkpoint as ocp
+    if "partial_restore" not in inspect.signature(ocp.args.PyTreeRestore).parameters:
+        pytest.skip("this orbax has no partial restore; load_model restores the whole state")
+    workdir, _, _ = run
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", lambda *a, **k: pytest.fail("full-state restore"))
+    model, _ = sample.load_model(workdir)
+    assert jax.tree.leaves(_params(model))
+
+
 def test_load_model_at_an_earlier_step(run, loaded):
     workdir, _, _ = run
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())

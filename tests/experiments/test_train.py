@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sqattn import configs
+from sqattn import configs, sample
 from sqattn.train import NonFiniteLossError, train_and_evaluate
 from sqattn.train import checkpoint as ckpt_lib
 from sqattn.train import metrics as metrics_lib
@@ -113,6 +113,8 @@ def test_corrupt_checkpoint_gives_clear_error_and_is_kept(tmp_path):
                 fh.write(b"garbage")
     with pytest.raises(ckpt_lib.CheckpointError, match="could not be restored"):
         train_and_evaluate(_cfg(num_steps=4, checkpoint_every=2), wd, progress=False)
+    with pytest.raises(ckpt_lib.CheckpointError, match="could not be restored"):
+        sample.load_model(wd)                              # the params-only restore path too
     assert os.path.isdir(state_dir)
 
 
