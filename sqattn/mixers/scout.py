@@ -114,12 +114,14 @@ class ScoutAttention(nnx.Module):
         o = segment_attention_step(q[:, 0], k[:, 0], v[:, 0], kc.astype(q.dtype), vc.astype(q.dtype),
                                    pos // self.segment_len)            # [b,h,k]
         slots = kc.shape[1]
-        if slots:  # write slot pos // L; kept only when this token closes a segment
+        if slots:  # slot pos // L takes this token's K/V iff it closes a segment (a one-slot write)
             slot = jnp.minimum(pos // self.segment_len, slots - 1)
             is_ck = ((pos + 1) % self.segment_len == 0) & (pos // self.segment_len < slots)
-            kc = jnp.where(is_ck, jax.lax.dynamic_update_slice_in_dim(kc, k.astype(kc.dtype), slot, axis=1),
-                           kc)
-            vc = jnp.where(is_ck, jax.lax.dynamic_update_slice_in_dim(vc, v.astype(vc.dtype), slot, axis=1),
-                           vc)
+
+            def write(cache_x, x):
+                old = jax.lax.dynamic_slice_in_dim(cache_x, slot, 1, axis=1)                  # [b,1,g,k]
+                return jax.lax.dynamic_update_slice_in_dim(
+                    cache_x, jnp.where(is_ck, x.astype(cache_x.dtype), old), slot, axis=1)
+            kc, vc = write(kc, k), write(vc, v)
         y = self.o(o.reshape(b, 1, self.h * self.hd))[:, 0]
         return y, {"k": kc, "v": vc, "pos": pos + 1}
