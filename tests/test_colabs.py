@@ -26,6 +26,8 @@ TINY = {
     "SQATTN_COLAB_LAYERS": "1",
     "SQATTN_COLAB_EVAL_EVERY": "2",
     "SQATTN_COLAB_MAX_NEW_TOKENS": "16",
+    "SQATTN_COLAB_TUNE_STEPS": "2",
+    "SQATTN_COLAB_EVAL_TOKENS": "256",
 }
 
 
@@ -50,12 +52,16 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors, errors
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    if os.path.basename(path) == "reuse_trained_lm.ipynb":
+        assert "teacher weights unused: []" in printed           # every teacher weight was transplanted
+        assert "merged vs unmerged bits/byte" in printed and "tokens per base forward" in printed
+        assert os.listdir(workdir / "liger" / "checkpoints") and os.listdir(workdir / "base" / "checkpoints")
     if os.path.basename(path) == "quickstart.ipynb":
         with open(workdir / "metrics.jsonl") as f:
             records = [json.loads(line) for line in f if line.strip()]
         assert max(r["step"] for r in records) == int(TINY["SQATTN_COLAB_STEPS"])
         assert any("eval_loss" in r for r in records)
         assert os.listdir(workdir / "checkpoints")
-        printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                          for o in c.get("outputs", []) if o.get("output_type") == "stream")
         assert "'def " in printed      # the batched greedy samples were printed
