@@ -3,8 +3,9 @@
 Grid ``(B, H, V // block_v)``. Columns of the state ``S in R^{K x V}`` evolve independently, so each
 program owns one ``block_v`` slice of the values, walks the chunks of its ``(b, h)`` row in order
 with ``lax.fori_loop``, and keeps its ``[K, block_v]`` float32 state in registers/VMEM. Inside a
-chunk the math is exactly ``ref.gla_chunked`` (same references for the decays, same finite masks
-for packed sequences), expressed with 2-D tiles only:
+chunk it computes the same sums as ``ref.gla_chunked`` with the same finite masks for packed sequences,
+split into ``SUB_CHUNK``-row sub-chunks and expressed with 2-D tiles only (``ref.gla_chunked`` splits
+differently, into recursive halves down to ``LEAF``-row blocks; both keep every exponent <= 0):
 
 * sub-chunk ``I`` against the chunk-start state: ``(q_I * exp(G_I)) @ S``;
 * sub-chunk ``I`` against an earlier sub-chunk ``J``, referenced at the row ``r`` before ``I``:

@@ -22,10 +22,14 @@ reference point of every chunk is its start). The decay from position ``j`` to `
 ``exp(G_i - G_j)``; factoring it as ``exp(G_i) * exp(-G_j)`` overflows for strong decays
 (``g = -20`` per step gives ``G = -1280`` after 64 steps). So no exponent is ever positive:
 
-* a query in sub-chunk ``I`` and a key in an earlier sub-chunk use the last position ``r`` before
-  sub-chunk ``I`` as the reference: ``q_i exp(G_i - G_r)`` and ``k_j exp(G_r - G_j)``, both
-  factors <= 1 because ``j <= r < i``;
-* pairs inside one sub-chunk form a ``[c, c, K]`` tensor ``exp(min(G_i - G_j, 0))`` directly;
+* a per-head scalar decay (``g`` of shape ``[B, T, H]``) needs no factoring: its decays form a
+  ``[C, C]`` matrix ``exp(min(G_i - G_j, 0))`` per chunk and head, so the intra-chunk part is
+  ``((q k^T) * decay) v``;
+* a per-key decay splits the chunk recursively in halves down to leaf blocks of ``c <= LEAF``
+  rows. A pair ``j < i`` in different halves of its smallest common block uses the last row ``r``
+  of the first half as reference: ``q_i exp(G_i - G_r)`` and ``k_j exp(G_r - G_j)``, both factors
+  <= 1 because ``j <= r < i``. Pairs inside one leaf block take ``exp(G_i - G_j)`` directly, one
+  diagonal ``i - j = d`` at a time (``[c - d, K]`` elementwise), never as a ``[c, c, K]`` tensor;
 * chunk-to-chunk terms use ``q_i exp(G_i)``, ``k_j exp(G_last - G_j)`` and ``exp(G_last)``.
 
 Packed sequences. ``segment_ids`` become a document index ``R_t`` (number of segment changes in
@@ -42,8 +46,12 @@ import jax.numpy as jnp
 __all__ = ["document_index", "expand_decay", "gla_chunked", "gla_recurrent", "gla_step", "pad_time",
            "sub_chunk_size"]
 
-# Sub-chunk size of the chunked form: pairs inside one sub-chunk cost a [c, c, K] tensor.
+# Default sub-chunk of the Pallas kernels (kernels/gla/pallas.py, kernels/sse/pallas.py): pairs
+# inside one sub-chunk cost a [c, c, K] tensor there.
 SUB_CHUNK = 16
+# Largest leaf block of gla_chunked's recursive split (per-key decay). 2, 4 and 8 time within
+# noise of each other on CPU (experiments/bench_gla.py); 16 is slower and smaller leaves add levels.
+LEAF = 4
 
 
 def expand_decay(g: jax.Array, like: jax.Array) -> jax.Array:
@@ -168,8 +176,150 @@ def pad_time(x: jax.Array, length: int, mode: str = "constant") -> jax.Array:
 
 
 def sub_chunk_size(chunk_size: int) -> int:
-    """Sub-chunk size used inside a chunk: ``SUB_CHUNK`` when it divides ``chunk_size``."""
+    """Pallas sub-chunk size inside a chunk: ``SUB_CHUNK`` when it divides ``chunk_size``."""
     return SUB_CHUNK if chunk_size % SUB_CHUNK == 0 else chunk_size
+
+
+def _leaf_size(chunk: int) -> int:
+    """Leaf block of ``gla_chunked``'s split: ``chunk`` halved while it is even and > ``LEAF``."""
+    leaf = chunk
+    while leaf > LEAF and leaf % 2 == 0:
+        leaf //= 2
+    return leaf
+
+
+def _diag_bands(q_s: jax.Array, k_s: jax.Array, cum_s: jax.Array) -> jax.Array:
+    """Scores of pairs inside one leaf block, by diagonal: ``X[..., i, d] = A[..., i, i - d]``.
+
+    ``A[i, j] = sum_k q[i, k] k[j, k] exp(G[i, k] - G[j, k])`` for ``j <= i`` (exponent <= 0 up to
+    rounding of the cumsum); one ``[c - d, K]`` elementwise pass per offset ``d``, so only the
+    causal half is computed and no ``[c, c, K]`` tensor is formed.
+
+    Args:
+      q_s: ``[..., c, K]``.
+      k_s: ``[..., c, K]``.
+      cum_s: ``[..., c, K]`` cumulative log-decay (any common reference).
+
+    Returns:
+      ``[..., c, c]``; ``X[..., i, d] = 0`` for ``d > i``.
+    """
+    sub = q_s.shape[-2]
+    lead = [(0, 0)] * (q_s.ndim - 2)
+    bands = []
+    for d in range(sub):
+        band = jnp.sum(q_s[..., d:, :] * k_s[..., :sub - d, :]
+                       * jnp.exp(cum_s[..., d:, :] - cum_s[..., :sub - d, :]),
+                       axis=-1)  # [..., c - d]
+        bands.append(jnp.pad(band, lead + [(d, 0)]))  # [..., c]
+    return jnp.stack(bands, axis=-1)  # [..., c, c]
+
+
+def _skew(x: jax.Array) -> jax.Array:
+    """``X[..., i, d]`` -> ``A[..., i, j] = X[..., i, i - j]`` (``0`` for ``j > i``) by reshapes.
+
+    With ``Y`` = ``X`` reversed along ``d`` and zero-padded to width ``2c - 1``,
+    ``A[i, j] = Y[i, j + c - 1 - i]``, which in the flattened ``Y`` sits at
+    ``i (2c - 2) + j + c - 1``: one slice, then rows of width ``2c - 2``.
+    """
+    sub = x.shape[-1]
+    if sub == 1:
+        return x
+    lead = x.shape[:-2]
+    y = jnp.pad(x[..., ::-1], [(0, 0)] * (x.ndim - 1) + [(0, sub - 1)])  # [..., c, 2c-1]
+    flat = y.reshape(lead + (sub * (2 * sub - 1),))  # [..., c (2c-1)]
+    flat = flat[..., sub - 1:sub - 1 + sub * (2 * sub - 2)]  # [..., c (2c-2)]
+    return flat.reshape(lead + (sub, 2 * sub - 2))[..., :sub]  # [..., c, c]
+
+
+def _intra_scalar(q_c: jax.Array, k_c: jax.Array, v_c: jax.Array, cum: jax.Array,
+                  doc_c: jax.Array, hi: jax.lax.Precision) -> jax.Array:
+    """Intra-chunk output for a scalar decay per head: a ``[C, C]`` decay and two matmuls.
+
+    Args:
+      q_c: ``[B, H, N, C, K]`` scaled queries.
+      k_c: ``[B, H, N, C, K]`` keys.
+      v_c: ``[B, H, N, C, V]`` values.
+      cum: ``[B, H, N, C, 1]`` within-chunk inclusive cumsum of the log-decay.
+      doc_c: ``[B, 1, N, C]`` document index.
+      hi: matmul precision.
+
+    Returns:
+      ``[B, H, N, C, V]``.
+    """
+    chunk = q_c.shape[3]
+    cum = cum[..., 0]  # [B, H, N, C]
+    mask = (jnp.tril(jnp.ones((chunk, chunk), bool))
+            & (doc_c[..., :, None] == doc_c[..., None, :]))  # [B, 1, N, C, C]
+    # Masked pairs (j > i would give exp(positive)) take exp(0) and are then zeroed; a where rather
+    # than a clamp, so the gradient of a kept pair with G_i == G_j (g == 0) is not halved.
+    diff = jnp.where(mask, cum[..., :, None] - cum[..., None, :], 0.0)  # [B, H, N, C, C]
+    decay = jnp.where(mask, jnp.exp(diff), 0.0)  # [B, H, N, C, C]
+    scores = jnp.einsum("...ik,...jk->...ij", q_c, k_c, precision=hi)  # [B, H, N, C, C]
+    return jnp.einsum("...ij,...jv->...iv", scores * decay, v_c, precision=hi)  # [B, H, N, C, V]
+
+
+def _intra_vector(q_c: jax.Array, k_c: jax.Array, v_c: jax.Array, cum: jax.Array,
+                  doc_c: jax.Array, hi: jax.lax.Precision) -> jax.Array:
+    """Intra-chunk output for a per-key decay, by recursive halving of the chunk.
+
+    A pair ``j < i`` of one chunk is counted once: in the smallest aligned block (sizes
+    ``2c, 4c, ..., C``) holding both, where ``j`` is in its first half and ``i`` in its second.
+    Its decay is split at ``r``, the last row of the first half: ``q_i exp(G_i - G_r)`` and
+    ``k_j exp(G_r - G_j)`` (``j <= r < i``, both exponents <= 0), so each level is one elementwise
+    pass over ``q`` and ``k`` plus two small matmuls. Pairs inside one leaf block of size ``c``
+    (``_leaf_size``) use the diagonals of ``_diag_bands``.
+
+    Args:
+      q_c: ``[B, H, N, C, K]`` scaled queries.
+      k_c: ``[B, H, N, C, K]`` keys.
+      v_c: ``[B, H, N, C, V]`` values.
+      cum: ``[B, H, N, C, K]`` within-chunk inclusive cumsum of the log-decay.
+      doc_c: ``[B, 1, N, C]`` document index.
+      hi: matmul precision.
+
+    Returns:
+      ``[B, H, N, C, V]``.
+    """
+    batch, heads, num_chunks, chunk, k_dim = q_c.shape
+    v_dim = v_c.shape[-1]
+    sub = _leaf_size(chunk)
+    lead = (batch, heads, num_chunks)
+
+    def blocks(x: jax.Array, size: int) -> jax.Array:
+        """``[B, H|1, N, C, ...]`` -> ``[B, H|1, N, C/size, size, ...]``."""
+        return x.reshape(x.shape[:3] + (chunk // size, size) + x.shape[4:])
+
+    q_s, k_s, v_s, cum_s = (blocks(x, sub) for x in (q_c, k_c, v_c, cum))  # [B,H,N,n,c,D]
+    doc_s = blocks(doc_c, sub)  # [B, 1, N, n, c]
+    mask = (jnp.tril(jnp.ones((sub, sub), bool))
+            & (doc_s[..., :, None] == doc_s[..., None, :]))  # [B, 1, N, n, c, c]
+    a_diag = jnp.where(mask, _skew(_diag_bands(q_s, k_s, cum_s)), 0.0)  # [B, H, N, n, c, c]
+    o = jnp.einsum("...ij,...jv->...iv", a_diag, v_s,
+                   precision=hi).reshape(lead + (chunk, v_dim))  # [B, H, N, C, V]
+
+    size = 2 * sub
+    while size <= chunk:
+        half = size // 2
+        # [B, H, N, C/size, 2, half, D]: index 0 = first half (keys), 1 = second half (queries)
+        q_b, k_b, v_b, cum_b = (blocks(x, size).reshape(
+            lead + (chunk // size, 2, half, x.shape[-1])) for x in (q_c, k_c, v_c, cum))
+        doc_b = doc_c.reshape(batch, 1, num_chunks, chunk // size, 2, half)
+        cum_ref = cum_b[..., 0, -1:, :]  # [B, H, N, C/size, 1, K]  row r
+        doc_ref = doc_b[..., 0, -1:]  # [B, 1, N, C/size, 1]
+        q_hat = jnp.where((doc_b[..., 1, :] == doc_ref)[..., None],
+                          q_b[..., 1, :, :] * jnp.exp(cum_b[..., 1, :, :] - cum_ref),
+                          0.0)  # [B, H, N, C/size, half, K]
+        k_hat = jnp.where((doc_b[..., 0, :] == doc_ref)[..., None],
+                          k_b[..., 0, :, :] * jnp.exp(cum_ref - cum_b[..., 0, :, :]),
+                          0.0)  # [B, H, N, C/size, half, K]
+        a_off = jnp.einsum("...ik,...jk->...ij", q_hat, k_hat,
+                           precision=hi)  # [B, H, N, C/size, half, half]
+        o_off = jnp.einsum("...ij,...jv->...iv", a_off, v_b[..., 0, :, :],
+                           precision=hi)  # [B, H, N, C/size, half, V]
+        o_off = jnp.stack([jnp.zeros_like(o_off), o_off], axis=-3)  # [B,H,N,C/size,2,half,V]
+        o = o + o_off.reshape(lead + (chunk, v_dim))  # [B, H, N, C, V]
+        size *= 2
+    return o
 
 
 def gla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float,
@@ -198,65 +348,39 @@ def gla_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale
     out_dtype = q.dtype
     hi = jax.lax.Precision.HIGHEST
     chunk = int(chunk_size)
-    sub = sub_chunk_size(chunk)
-    n_sub = chunk // sub
     num_chunks = -(-length // chunk)
     t_pad = num_chunks * chunk
+    scalar = g.ndim == q.ndim - 1
 
-    g = expand_decay(g, q)  # [B, T, H, K]
+    g = g.astype(jnp.float32)
+    if scalar:
+        g = g[..., None]  # [B, T, H, 1]: broadcasts over K below
     doc = pad_time(document_index(segment_ids, batch, length), t_pad, mode="edge")  # [B, T_pad]
     q, k, v, g = (pad_time(x.astype(jnp.float32), t_pad) for x in (q, k, v, g))
     q = q * scale
 
     q_c, k_c, v_c, g_c = (_to_chunks(x, num_chunks, chunk) for x in (q, k, v, g))  # [B,H,N,C,D]
-    cum = jnp.cumsum(g_c, axis=3)  # [B, H, N, C, K]  inclusive, relative to the chunk start
+    # Inclusive cumsum within each chunk (relative to the chunk start), as a matmul with a
+    # lower-triangular ones matrix: faster on CPU than the reduce-window XLA emits for cumsum.
+    tril = jnp.tril(jnp.ones((chunk, chunk), jnp.float32))  # [C, C]
+    cum = jnp.einsum("ij,...jk->...ik", tril, g_c, precision=hi)  # [B, H, N, C, K or 1]
     doc_c = doc.reshape(batch, 1, num_chunks, chunk)  # [B, 1, N, C]
 
-    # ---- intra-chunk, same sub-chunk: direct [c, c, K] decays ------------------------------------
-    sub_shape = (batch, heads, num_chunks, n_sub, sub)
-    q_s = q_c.reshape(sub_shape + (k_dim,))  # [B, H, N, n, c, K]
-    k_s = k_c.reshape(sub_shape + (k_dim,))  # [B, H, N, n, c, K]
-    v_s = v_c.reshape(sub_shape + (v_dim,))  # [B, H, N, n, c, V]
-    cum_s = cum.reshape(sub_shape + (k_dim,))  # [B, H, N, n, c, K]
-    doc_s = doc_c.reshape((batch, 1, num_chunks, n_sub, sub))  # [B, 1, N, n, c]
-    causal = jnp.tril(jnp.ones((sub, sub), bool))  # [c, c]
-    diag_mask = causal & (doc_s[..., :, None] == doc_s[..., None, :])  # [B, 1, N, n, c, c]
-    diff = cum_s[..., :, None, :] - cum_s[..., None, :, :]  # [B, H, N, n, c, c, K]
-    decay = jnp.exp(jnp.where(diag_mask[..., None], jnp.minimum(diff, 0.0), 0.0))
-    a_diag = jnp.einsum("...ik,...jk,...ijk->...ij", q_s, k_s, decay,
-                        precision=hi)  # [B, H, N, n, c, c]
-    a_diag = jnp.where(diag_mask, a_diag, 0.0)
-    o_intra = jnp.einsum("...ij,...jv->...iv", a_diag, v_s, precision=hi)  # [B, H, N, n, c, V]
-
-    # ---- intra-chunk, sub-chunk I against earlier sub-chunks: reference = last row before I ----
-    if n_sub > 1:
-        # Reference of sub-chunk I >= 1 is position r_I = I*c - 1, so j <= r_I <= i for every pair.
-        cum_ref = cum_s[:, :, :, :-1, -1]  # [B, H, N, n-1, K]  (sub-chunks 1..n-1)
-        doc_ref = doc_s[:, :, :, :-1, -1]  # [B, 1, N, n-1]
-        q_off = jnp.where((doc_s[:, :, :, 1:] == doc_ref[..., None])[..., None],
-                          q_s[:, :, :, 1:] * jnp.exp(cum_s[:, :, :, 1:] - cum_ref[..., None, :]),
-                          0.0)  # [B, H, N, n-1, c, K]
-        before = (jnp.arange(chunk)[None, :]
-                  < sub * jnp.arange(1, n_sub)[:, None])  # [n-1, C]  j < I*c
-        k_mask = before & (doc_c[:, :, :, None, :] == doc_ref[..., None])  # [B, 1, N, n-1, C]
-        k_rel = jnp.where(before[:, :, None], cum_ref[..., None, :] - cum[:, :, :, None],
-                          0.0)  # [B, H, N, n-1, C, K]
-        k_off = jnp.where(k_mask[..., None], k_c[:, :, :, None] * jnp.exp(k_rel), 0.0)
-        a_off = jnp.einsum("...ik,...jk->...ij", q_off, k_off, precision=hi)  # [B,H,N,n-1,c,C]
-        o_off = jnp.einsum("...Iij,...jv->...Iiv", a_off, v_c, precision=hi)  # [B,H,N,n-1,c,V]
-        o_intra = o_intra.at[:, :, :, 1:].add(o_off)
-    o_intra = o_intra.reshape(batch, heads, num_chunks, chunk, v_dim)  # [B, H, N, C, V]
+    if scalar:
+        o_intra = _intra_scalar(q_c, k_c, v_c, cum, doc_c, hi)  # [B, H, N, C, V]
+    else:
+        o_intra = _intra_vector(q_c, k_c, v_c, cum, doc_c, hi)  # [B, H, N, C, V]
 
     # ---- inter-chunk: states at chunk boundaries via lax.scan ------------------------------------
     doc_last = doc_c[..., -1]  # [B, 1, N]
     doc_prev = jnp.concatenate([jnp.zeros_like(doc_last[..., :1]), doc_last[..., :-1]],
                                axis=-1)  # [B, 1, N]
-    cum_last = cum[..., -1, :]  # [B, H, N, K]
+    cum_last = cum[..., -1, :]  # [B, H, N, K or 1]
     q_in = jnp.where((doc_c == doc_prev[..., None])[..., None], q_c * jnp.exp(cum), 0.0)
     k_up = jnp.where((doc_c == doc_last[..., None])[..., None],
                      k_c * jnp.exp(cum_last[..., None, :] - cum), 0.0)  # [B, H, N, C, K]
     update = jnp.einsum("...ck,...cv->...kv", k_up, v_c, precision=hi)  # [B, H, N, K, V]
-    carry = jnp.where((doc_last == doc_prev)[..., None], jnp.exp(cum_last), 0.0)  # [B, H, N, K]
+    carry = jnp.where((doc_last == doc_prev)[..., None], jnp.exp(cum_last), 0.0)  # [B,H,N,K|1]
 
     if initial_state is None:
         initial_state = jnp.zeros((batch, heads, k_dim, v_dim), jnp.float32)
