@@ -33,18 +33,18 @@ prints a markdown table and one JSON line. A finished variant (``<workdir>/varia
 settings) is not run again.
 
 Measured with the defaults (first command, from nothing: the teacher is trained first; 2 quiet CPU cores; seed
-0; 5 min 49 s in all: teacher 500 steps in 85 s, 0.21M params, bf16 compute, 2.27 bpb; each variant 300 LoRA
-steps at 0.05-0.13 s/step, 25-61 s with its evals; 32,768 eval bytes per length; every merged-LoRA eval within
-2.2e-4 bpb of the unmerged one):
+0; 5 min 26 s in all: teacher 500 steps in ~85 s, 0.21M params, bf16 compute, 2.27 bpb; each variant 300 LoRA
+steps at 0.05-0.10 s/step, 28-60 s with its evals; 32,768 eval bytes per length; every merged-LoRA eval within
+2.7e-4 bpb of the unmerged one):
 
   | model                       | bpb@128 | bpb@512 | Δ@128   | Δ@512   | trainable params |
   |-----------------------------|---------|---------|---------|---------|------------------|
   | teacher (softmax attention) | 2.2700  | 3.7015  | 0       | 0       | -                |
-  | liger                       | 2.3875  | 2.3738  | +0.1176 | -1.3277 | 10240            |
-  | no_swa                      | 3.4419  | 3.4382  | +1.1719 | -0.2633 | 10240            |
+  | liger                       | 2.3876  | 2.3740  | +0.1176 | -1.3275 | 10240            |
+  | no_swa                      | 3.4415  | 3.4379  | +1.1716 | -0.2636 | 10240            |
   | swa_only                    | 2.2806  | 2.2531  | +0.0106 | -1.4484 | 10240            |
-  | fresh_gate                  | 2.3409  | 2.3110  | +0.0710 | -1.3905 | 18432            |
-  | mamba2_gate                 | 2.3387  | 2.3144  | +0.0687 | -1.3871 | 10240            |
+  | fresh_gate                  | 2.3409  | 2.3111  | +0.0709 | -1.3904 | 18432            |
+  | mamba2_gate                 | 2.3387  | 2.3145  | +0.0688 | -1.3870 | 10240            |
   | no_finetune                 | 3.9787  | 5.4973  | +1.7087 | +1.7958 | -                |
 
 As liger.md §7 expects: fine-tuned Liger recovers most of the gap (no_finetune +1.71 -> +0.12 bpb at 128, 93%
