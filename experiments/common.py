@@ -44,12 +44,6 @@ def small_lm_config(*, steps: int, d_model: int = 64, layers: int = 4, seq_len: 
     return cfg
 
 
-def has_checkpoint(workdir: str) -> bool:
-    """Whether ``workdir`` holds a trainer checkpoint directory with at least one step."""
-    ckpt = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
-
-
 def train_or_load(workdir: str, cfg: ml_collections.ConfigDict, *, progress: bool = True):
     """Loads the model in ``workdir``, training ``cfg`` there first when it holds no checkpoint.
 
@@ -63,6 +57,7 @@ def train_or_load(workdir: str, cfg: ml_collections.ConfigDict, *, progress: boo
     """
     from sqattn import sample
     from sqattn.train import train_and_evaluate
+    from sqattn.train.checkpoint import has_checkpoint
     info: dict[str, Any] = {"workdir": workdir, "trained_here": False}
     if not has_checkpoint(workdir):
         t0 = time.perf_counter()

@@ -183,10 +183,7 @@ def finetune(ham, base_stats, train_ds, *, steps: int, prompt_len: int, seed: in
     import optax
     from flax import nnx
     from sqattn.models import hamburger as hb
-    graphdef, params = nnx.split(ham)
-    # plain single-device arrays (a loaded checkpoint's carry a mesh, which the step's outputs would spread to
-    # the grafted weights, changing the input types of step 2 and compiling it twice)
-    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
+    graphdef, params = nnx.split(ham)      # plain arrays: sample.load_model returns no mesh-placed ones
     tx = make_optimizer(params, steps)
     opt_state = tx.init(params)
     traces = []

@@ -15,6 +15,12 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir`` holds a checkpoint directory ``checkpoints/<step>``."""
+    ckpt = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
 def _target(abstract, shardings):
     """``ShapeDtypeStruct`` leaves carrying the shardings to restore into."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -42,11 +42,3 @@ def test_cached_record_reuses_only_matching_settings(tmp_path):
         f.write('{"settings": {"a": [1, ')
     assert common.cached_record(path, {"a": (1, 3)}, compute(4)) == ({"value": 4}, False)
     assert calls == [1, 3, 4]
-
-
-def test_has_checkpoint(tmp_path):
-    assert not common.has_checkpoint(str(tmp_path))
-    (tmp_path / "checkpoints").mkdir()
-    assert not common.has_checkpoint(str(tmp_path))
-    (tmp_path / "checkpoints" / "12").mkdir()
-    assert common.has_checkpoint(str(tmp_path))
