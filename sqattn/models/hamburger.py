@@ -349,8 +349,8 @@ class HAMburger(nnx.Module):
           ``(tokens int32 [max_new_tokens], n_macro_steps)``; KV compression = max_new_tokens / n_macro_steps.
         """
         prompt = _check_prompt(prompt_tokens, max_new_tokens)
-        toks, n_macro, _, _ = self._run(prompt, max_new_tokens, confidence, None, None)
-        return toks, n_macro
+        toks, n_macro, *_ = self._run(prompt[None], max_new_tokens, confidence, "free")
+        return toks[0], int(n_macro[0])
 
     def generate_batch(self, prompts: np.ndarray, max_new_tokens: int,
                        confidence: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
@@ -360,7 +360,7 @@ class HAMburger(nnx.Module):
         Returns:
           ``(tokens int32 [k, max_new_tokens], n_macro_steps int [k])``.
         """
-        toks, n_macro, _ = self._run_batch(prompts, max_new_tokens, confidence, None)
+        toks, n_macro, *_ = self._run(_check_prompts(prompts, max_new_tokens), max_new_tokens, confidence, "free")
         return toks, n_macro
 
     def read_batch(self, prompts: np.ndarray, texts: np.ndarray,
@@ -383,27 +383,9 @@ class HAMburger(nnx.Module):
         texts = np.asarray(texts)
         if texts.ndim != 2 or texts.shape[0] != np.shape(prompts)[0]:
             raise ValueError(f"texts must be [k, m] with k = {np.shape(prompts)[0]} prompts, got {texts.shape}")
-        _, n_macro, hits = self._run_batch(prompts, texts.shape[1], confidence, texts)
+        prompts = _check_prompts(prompts, texts.shape[1])
+        _, n_macro, _, _, hits = self._run(prompts, texts.shape[1], confidence, "tokens", tokens=texts)
         return n_macro, hits
-
-    def _run_batch(self, prompts, max_new_tokens: int, confidence: float, texts):
-        prompts = np.asarray(prompts)
-        if prompts.ndim != 2:
-            raise ValueError(f"prompts must be [k, prompt_len], got shape {prompts.shape}")
-        for row in prompts:
-            _check_prompt(row, max_new_tokens)
-        graphdef, state = nnx.split(self)
-        k, p = prompts.shape
-        num_slots = -(-(p + max_new_tokens) // 16) * 16
-        ft = np.zeros((k, max_new_tokens + self.s_max), np.int32)
-        if texts is not None:
-            ft[:, :max_new_tokens] = texts
-        fl = jnp.zeros((k, max_new_tokens), jnp.int32)
-        toks, n_macro, _, _, hits = _decode_batch(
-            graphdef, state, jnp.asarray(prompts, jnp.int32), jnp.float32(confidence), jnp.asarray(ft), fl,
-            max_new_tokens=max_new_tokens, num_slots=num_slots, mode="free" if texts is None else "tokens")
-        toks, n_macro, hits = jax.device_get((toks, n_macro, hits))
-        return np.asarray(toks, np.int32), np.asarray(n_macro, np.int64), np.asarray(hits, bool)
 
     def forced_decode(self, prompt_tokens: Sequence[int] | np.ndarray, response_tokens: Sequence[int] | np.ndarray,
                       group_lens: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -419,24 +401,42 @@ class HAMburger(nnx.Module):
         if lens.size == 0 or lens.min() < 1 or lens.max() > self.s_max or lens.sum() != response.size:
             raise ValueError(f"group_lens {lens.tolist()} must lie in [1, {self.s_max}] and sum to "
                              f"{response.size}")
-        _, n_macro, logits, stop = self._run(prompt, response.size, 0.5, response, lens)
+        _, n_macro, logits, stop, _ = self._run(prompt[None], response.size, 0.5, "forced", tokens=response[None],
+                                                lens=lens[None])
+        n_macro = int(n_macro[0])
         assert n_macro == lens.size, (n_macro, lens.size)
-        return logits[:n_macro], stop[:n_macro]
+        return logits[0, :n_macro], stop[0, :n_macro]
 
-    def _run(self, prompt, max_new, confidence, forced_tokens, forced_lens):
+    def _run(self, prompts: np.ndarray, max_new: int, confidence: float, mode: str, *, tokens=None, lens=None):
+        """``_decode_batch`` on numpy inputs: ``prompts [k, p]``; ``tokens [k, max_new]`` for modes "tokens" and
+        "forced", ``lens [k, <= max_new]`` for "forced".
+
+        Returns numpy ``(tokens [k, max_new], n_macro [k], logits [k, M, s, V], stop [k, M, s], hits [k,
+        max_new])``; logits and stop are recorded in mode "forced" only (M = 0 otherwise).
+        """
         graphdef, state = nnx.split(self)
-        forced = forced_tokens is not None
-        ft = np.zeros((max_new + self.s_max,), np.int32)
-        fl = np.zeros((max_new,), np.int32)
-        if forced:
-            ft[:max_new] = forced_tokens
-            fl[:forced_lens.size] = forced_lens
-        num_slots = -(-(prompt.size + max_new) // 16) * 16          # bucket: one compile per 16 slots
-        toks, n_macro, logits, stop, _ = _decode(graphdef, state, jnp.asarray(prompt), jnp.float32(confidence),
-                                                 jnp.asarray(ft), jnp.asarray(fl), max_new_tokens=max_new,
-                                                 num_slots=num_slots, mode="forced" if forced else "free")
-        toks, n_macro, logits, stop = jax.device_get((toks, n_macro, logits, stop))
-        return np.asarray(toks, np.int32), int(n_macro), np.asarray(logits), np.asarray(stop)
+        k, p = prompts.shape
+        ft = np.zeros((k, max_new + self.s_max), np.int32)
+        fl = np.zeros((k, max_new), np.int32)
+        if tokens is not None:
+            ft[:, :max_new] = tokens
+        if lens is not None:
+            fl[:, :lens.shape[1]] = lens
+        num_slots = -(-(p + max_new) // 16) * 16          # bucket: one compile per 16 slots
+        out = _decode_batch(graphdef, state, jnp.asarray(prompts, jnp.int32), jnp.float32(confidence),
+                            jnp.asarray(ft), jnp.asarray(fl), max_new_tokens=max_new, num_slots=num_slots,
+                            mode=mode)
+        toks, n_macro, logits, stop, hits = jax.device_get(out)
+        return (np.asarray(toks, np.int32), np.asarray(n_macro, np.int64), np.asarray(logits), np.asarray(stop),
+                np.asarray(hits, bool))
+
+
+def _check_prompts(prompts, max_new_tokens: int) -> np.ndarray:
+    """``prompts [k, p]`` as int32, each row checked like one ``prompt_tokens``."""
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2:
+        raise ValueError(f"prompts must be [k, prompt_len], got shape {prompts.shape}")
+    return np.stack([_check_prompt(row, max_new_tokens) for row in prompts])
 
 
 def _check_prompt(prompt_tokens, max_new_tokens: int) -> np.ndarray:
@@ -457,8 +457,9 @@ def _decode_one(graphdef, state, prompt: jax.Array, confidence: jax.Array, force
     ``forced_lens`` both given) or "tokens" (``forced_tokens`` given, the stop head ends each step).
 
     Returns tokens ``[max_new_tokens]``, the number of macro steps, per-macro-step logits ``[M, s, V]`` and
-    stop logits ``[M, s]`` (M = max_new_tokens, the most macro steps possible), and ``hits
-    [max_new_tokens]``: whether the micro-step argmax equals the emitted token.
+    stop logits ``[M, s]`` (M = max_new_tokens, the most macro steps possible, in mode "forced"; M = 0 in the
+    other modes, which need neither), and ``hits [max_new_tokens]``: whether the micro-step argmax equals the
+    emitted token.
     """
     if mode not in ("free", "forced", "tokens"):
         raise ValueError(f"mode must be 'free', 'forced' or 'tokens', got {mode!r}")
@@ -469,8 +470,9 @@ def _decode_one(graphdef, state, prompt: jax.Array, confidence: jax.Array, force
     gt = jnp.zeros((num_slots, s), jnp.int32).at[:p, 0].set(prompt)
     gl = jnp.zeros((num_slots,), jnp.int32).at[:p].set(1)
     pos = jnp.arange(num_slots, dtype=jnp.int32)     # slots past the current one are causally invisible
+    record = max_new_tokens if mode == "forced" else 0
     init = (jnp.int32(0), jnp.int32(0), gt, gl, pos, jnp.zeros((max_new_tokens + s,), jnp.int32),
-            jnp.zeros((max_new_tokens, s, vocab), jnp.float32), jnp.zeros((max_new_tokens, s), jnp.float32),
+            jnp.zeros((record, s, vocab), jnp.float32), jnp.zeros((record, s), jnp.float32),
             jnp.zeros((max_new_tokens + s,), bool))
 
     def cond(carry):
@@ -507,19 +509,16 @@ def _decode_one(graphdef, state, prompt: jax.Array, confidence: jax.Array, force
         pos = pos.at[slot + 1].set(p - 1 + emitted + n_emit)                      # index of its last token
         out = jax.lax.dynamic_update_slice_in_dim(out, toks[0], emitted, axis=0)  # extras get overwritten
         hits = jax.lax.dynamic_update_slice_in_dim(hits, jnp.stack(step_hit), emitted, axis=0)
-        rec_logits = rec_logits.at[m].set(jnp.stack(step_logits))
-        rec_stop = rec_stop.at[m].set(stop_logits)
+        if record:
+            rec_logits = rec_logits.at[m].set(jnp.stack(step_logits))
+            rec_stop = rec_stop.at[m].set(stop_logits)
         return m + 1, emitted + n_emit, gt, gl, pos, out, rec_logits, rec_stop, hits
 
     m, _, _, _, _, out, rec_logits, rec_stop, hits = jax.lax.while_loop(cond, body, init)
     return out[:max_new_tokens], m, rec_logits, rec_stop, hits[:max_new_tokens]
 
 
-_STATIC = ("graphdef", "max_new_tokens", "num_slots", "mode")
-_decode = jax.jit(_decode_one, static_argnames=_STATIC)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_slots", "mode"))
 def _decode_batch(graphdef, state, prompts, confidence, forced_tokens, forced_lens, *, max_new_tokens: int,
                   num_slots: int, mode: str):
     """``_decode_one`` over a batch of prompts ``[k, p]`` (a vmapped while loop: it runs until every row is
