@@ -81,8 +81,7 @@ def _numpy_gla(q, k, v, g, h0, seg):
     return o, state
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
-def _fwd_bwd(args, cotangents, *, impl: str, chunk_size: int):
+def fwd_bwd(args, cotangents, *, impl: str, chunk_size: int):
     """(o, final_state) and the vjp w.r.t. (q, k, v, g, initial_state) of ``gla``."""
     q, k, v, g, h0, seg = args
 
@@ -92,6 +91,9 @@ def _fwd_bwd(args, cotangents, *, impl: str, chunk_size: int):
 
     out, vjp = jax.vjp(f, q, k, v, g, h0)
     return out, vjp(cotangents)
+
+
+_fwd_bwd = jax.jit(fwd_bwd, static_argnames=("impl", "chunk_size"))
 
 
 def _check_grads(actual, expected, dtype, tag):

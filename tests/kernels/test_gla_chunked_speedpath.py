@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.gla import gla, ref
+from kernels.gla import ref
+from tests.kernels.test_gla import fwd_bwd
 from tests.testing import assert_close, assert_grads_close
 
 B, H, K, V, T = 2, 2, 8, 12, 70
@@ -55,26 +56,14 @@ def _inputs(scalar_decay: bool, *, decay: str = "gate", packed: bool = True, see
     return (q, k, v, g, normal(B, H, K, V), seg), (normal(B, T, H, V), normal(B, H, K, V))
 
 
-def _fwd_bwd(args, cotangents, *, impl: str, chunk_size: int):
-    """(o, final_state) and the vjp of ``gla`` w.r.t. (q, k, v, g, initial_state)."""
-    q, k, v, g, h0, seg = args
-
-    def f(q, k, v, g, h0):
-        return gla(q, k, v, g, initial_state=h0, segment_ids=seg, return_final_state=True,
-                   chunk_size=chunk_size, impl=impl)
-
-    out, vjp = jax.vjp(f, q, k, v, g, h0)
-    return out, vjp(cotangents)
-
-
 # One compile per (impl, chunk); jitted wrappers built here are reused across tests. A LEAF
 # override needs its own trace, so those tests build fresh wrappers (``jax.jit`` of a new partial).
 _jitted = functools.lru_cache(maxsize=None)(
-    lambda impl, chunk: jax.jit(functools.partial(_fwd_bwd, impl=impl, chunk_size=chunk)))
+    lambda impl, chunk: jax.jit(functools.partial(fwd_bwd, impl=impl, chunk_size=chunk)))
 
 
-def _check(args, cts, chunk: int, tag: str, fwd_bwd=None) -> None:
-    (o, s), grads = (fwd_bwd or _jitted("chunked", chunk))(args, cts)
+def _check(args, cts, chunk: int, tag: str, fn=None) -> None:
+    (o, s), grads = (fn or _jitted("chunked", chunk))(args, cts)
     (o_ref, s_ref), grads_ref = _jitted("ref", 16)(args, cts)
     assert_close(o, o_ref, jnp.float32, f"{tag} o")
     assert_close(s, s_ref, jnp.float32, f"{tag} final_state")
@@ -94,8 +83,8 @@ def test_every_leaf_size_matches_recurrence(leaf, monkeypatch):
     """``LEAF`` is a speed knob only: 1 (no diagonal bands), 2, and the whole 32-row chunk."""
     monkeypatch.setattr(ref, "LEAF", leaf)
     args, cts = _inputs(scalar_decay=False, seed=leaf)
-    fresh = jax.jit(functools.partial(_fwd_bwd, impl="chunked", chunk_size=32))
-    _check(args, cts, 32, f"leaf {leaf}", fwd_bwd=fresh)
+    fresh = jax.jit(functools.partial(fwd_bwd, impl="chunked", chunk_size=32))
+    _check(args, cts, 32, f"leaf {leaf}", fn=fresh)
 
 
 @pytest.mark.parametrize("scalar_decay", [False, True], ids=["vector", "scalar"])
