@@ -69,10 +69,23 @@ class LMTask:
         return out
 
 
-TASKS = {"lm": LMTask}
+# task name -> a Task class, or "module:Class" imported on first use (so a task that lives beside its models,
+# e.g. in sqattn/science/bearing/, adds one line here and costs nothing until a config names it).
+TASKS: dict[str, type | str] = {
+    "lm": LMTask,
+}
+
+
+def task_class(name: str) -> type:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+    entry = TASKS[name]
+    if isinstance(entry, str):
+        import importlib
+        mod, cls = entry.split(":")
+        entry = getattr(importlib.import_module(mod), cls)
+    return entry
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
-    return TASKS[name]()
+    return task_class(name)()
