@@ -31,6 +31,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "scout_mamba_tiny": ("scout", "mixer=mamba,size=tiny"),
     "scout_swa_400m": ("scout", "mixer=swa,size=400m"),
     "scout_mamba_400m": ("scout", "mixer=mamba,size=400m"),
+    "bearing_mlp": ("bearing", ""),
+    "bearing_mlp_env": ("bearing", "envelope"),
 }
 
 

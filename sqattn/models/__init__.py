@@ -7,6 +7,7 @@ import importlib
 # model_name -> "module:Class"; the class is built as Class(**config.model, rngs=rngs).
 MODELS = {
     "lm": "sqattn.models.lm:LM",
+    "bearing_mlp": "sqattn.science.bearing.model:BearingMLP",
 }
 
 
