@@ -105,6 +105,7 @@ def _proba(x, feature, threshold, left, right, proba, depth):
         nxt = jnp.where(xv <= thr[node], lft[node], rgt[node])
         return base[None, :] + nxt
 
+    # a rolled loop: unrolling it measured no faster at batch 1 and 2-3x slower at batch 1024 on CPU
     node = jax.lax.fori_loop(0, depth, level, jnp.broadcast_to(base, (x.shape[0], t)))
     return jnp.mean(proba.reshape(t * m, -1)[node], axis=1)                     # [B, C]
 
