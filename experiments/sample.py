@@ -10,6 +10,7 @@ Prints the prompt followed by its continuation. Restores the latest checkpoint (
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -43,7 +44,11 @@ def main(argv):
         text = sample.complete(model, FLAGS.prompt, FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                                top_k=FLAGS.top_k, seed=FLAGS.seed)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: {type(e).__name__}: {e}")
+        # Leave without interpreter teardown: after a failed restore, orbax/tensorstore's background
+        # callbacks still target the closed event loop and would print tracebacks under the one-line error.
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     if hasattr(sys.stdout, "reconfigure"):   # sampled bytes may not fit a non-UTF-8 terminal encoding
         sys.stdout.reconfigure(errors="replace")
     print(FLAGS.prompt + text)

@@ -27,6 +27,9 @@ def define_flags() -> None:
                       "final JSON line, and exit without allocating it.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes what the run "
+                      "computes (data, optimizer, batch, steps, seed); the changes are recorded in metrics.jsonl. "
+                      "Model changes are never resumed.")
 
 
 FLAGS = flags.FLAGS
@@ -47,8 +50,29 @@ def _quiet_logging() -> None:
     logger.propagate = False
 
 
+class _StartupSignal(BaseException):
+    pass
+
+
+def _startup_signal(signum, frame):
+    raise _StartupSignal(signum)
+
+
 def main(argv):
     del argv
+    import signal
+    # From the first line on, SIGTERM/SIGINT end the process with one line; the trainer takes them over
+    # (saving a checkpoint in its loop) once it starts.
+    signal.signal(signal.SIGTERM, _startup_signal)
+    signal.signal(signal.SIGINT, _startup_signal)
+    try:
+        _main()
+    except _StartupSignal as e:     # exit 0 like a SIGTERM in the loop: the workdir is consistent
+        print(f"stopped by {signal.Signals(e.args[0]).name} during start-up; nothing was written",
+              file=sys.stderr)
+
+
+def _main():
     if FLAGS.distributed:
         import jax
         jax.distributed.initialize()
@@ -65,19 +89,37 @@ def main(argv):
         except ConfigError as e:
             sys.exit(f"error: invalid config: {e}")
         return
+    if FLAGS.workdir is not None and not FLAGS.workdir.strip():
+        sys.exit("error: --workdir is empty; pass --workdir=DIR or leave the flag out for the default "
+                 "/tmp/sqattn/<config>")
     from sqattn.train import train_and_evaluate
-    from sqattn.train.trainer import MemoryBudgetError, NonFiniteLossError
     from sqattn.train.checkpoint import CheckpointError
+    from sqattn.train.metrics import MetricsFileError
+    from sqattn.train.trainer import MemoryBudgetError, NonFiniteLossError, Preempted
+    from sqattn.train.workdir import ConfigChangeError, WorkdirBusyError
     workdir = FLAGS.workdir or os.path.join("/tmp/sqattn", config.name.replace(":", "_"))
     _quiet_logging()
     try:
-        result = train_and_evaluate(config, workdir, progress=FLAGS.progress)
-    except (ConfigError, MemoryBudgetError, NonFiniteLossError, CheckpointError, ValueError,
-            FileNotFoundError) as e:
+        result = train_and_evaluate(config, workdir, progress=FLAGS.progress,
+                                    allow_config_change=FLAGS.allow_config_change)
+    except Preempted as e:
+        what = ("the final checkpoint is saved; run again to evaluate it" if e.phase == "final eval"
+                else "no checkpoint was written in this phase; the workdir is as it was")
+        print(f"stopped by {signal_name(e.signum)} during {e.phase}: {what}", file=sys.stderr)
+        return
+    except (ConfigError, ConfigChangeError, WorkdirBusyError, MemoryBudgetError, NonFiniteLossError,
+            CheckpointError, MetricsFileError, ValueError, OSError) as e:
         sys.exit(f"error: {type(e).__name__}: {e}")
     print(f"checkpoints: {result['checkpoints']}\nmetrics:     {result['metrics']}\n"
           f"tensorboard: {os.path.join(workdir, 'tb')}\nplot:        {result['plot']}")
+    if result["stopped_early"]:
+        print(f"stopped early at step {result['step']} (checkpoint saved); run the same command to resume")
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, bool))}))
+
+
+def signal_name(signum: int) -> str:
+    import signal
+    return signal.Signals(signum).name
 
 
 if __name__ == "__main__":

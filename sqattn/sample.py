@@ -94,7 +94,7 @@ def load_model(workdir: str, step: int | None = None, *,
     if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint in {os.path.abspath(ckpt_dir)}: the run in {workdir!r} has not "
                                 f"saved one yet (see config.checkpoint_every)")
-    checkpointer = ckpt_lib.Checkpointer(workdir, config.get("keep_checkpoints", 3))
+    checkpointer = ckpt_lib.Checkpointer(workdir)      # a reader: never rotates anything away
     try:
         steps = sorted(checkpointer.all_steps())
         if not steps:

@@ -117,5 +117,8 @@ def absl_flags_parser(config_argv: list[str]):
         except ValueError as e:
             sys.exit(f"error: {e}")
         config_argv[:] = ([f"--config={name}"] if name else []) + [f"--config.{k}={v}" for k, v in overrides]
-        return flags.FLAGS([argv[0]] + rest)
+        try:
+            return flags.FLAGS([argv[0]] + rest)
+        except flags.Error as e:
+            sys.exit(f"error: {e} (see --help for the flags; --config=NAME and --config.a.b=value set the config)")
     return parse

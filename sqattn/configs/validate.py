@@ -25,11 +25,18 @@ def validate(cfg: ml_collections.ConfigDict, *, check_devices: bool = True) -> N
     from sqattn.train import tasks
     _check(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
     _check(cfg.num_steps >= 0, f"num_steps must be >= 0, got {cfg.num_steps}")
+    _validate_schedule(cfg)
     models.model_class(cfg.model_name)
-    tasks.get_task(cfg.task)
+    tasks.task_class(cfg.task)
     o = cfg.optim
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(o.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {o.grad_accum}")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1 and optim.b2 must be in [0, 1), got {o.b1}, {o.b2}")
+    _check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
     _check(cfg.batch_size % o.grad_accum == 0,
            f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
     sharding.mesh_rules(cfg.mesh.rules)
@@ -44,6 +51,20 @@ def validate(cfg: ml_collections.ConfigDict, *, check_devices: bool = True) -> N
                f"micro-batch {micro} is not divisible by the {jax.process_count()} processes")
     if cfg.model_name == "lm":
         _validate_lm(cfg)
+
+
+def _validate_schedule(cfg) -> None:
+    """The trainer's cadence settings: every one is checked here, before anything is written."""
+    for key in ("log_every", "checkpoint_every", "eval_batches"):
+        val = cfg.get(key)
+        _check(isinstance(val, int) and not isinstance(val, bool) and val >= 1,
+               f"{key} must be an integer >= 1, got {val!r}")
+    _check(isinstance(cfg.eval_every, int) and cfg.eval_every >= 0,
+           f"eval_every must be an integer >= 0 (0: evaluate only at the end), got {cfg.eval_every!r}")
+    _check(isinstance(cfg.keep_checkpoints, int) and cfg.keep_checkpoints >= 1,
+           f"keep_checkpoints must be an integer >= 1 (the newest N checkpoints are kept; 0 would delete "
+           f"every checkpoint), got {cfg.keep_checkpoints!r}")
+    _check(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed must be an integer >= 0, got {cfg.seed!r}")
 
 
 def _validate_lm(cfg) -> None:

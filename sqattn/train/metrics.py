@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+
+log = logging.getLogger("sqattn.train")
+
+
+class MetricsFileError(ValueError):
+    """``metrics.jsonl`` holds a malformed record that is not a torn last line."""
 
 
 class MetricsWriter:
@@ -33,6 +40,12 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
 
+    def write_event(self, record: dict) -> None:
+        """Appends a non-scalar record (e.g. ``{"step", "event": "config_change", "changes": {...}}``)."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()
@@ -43,20 +56,46 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+    """The records of ``<workdir>/metrics.jsonl`` (``[]`` when there is none).
+
+    A torn last line (a process killed mid-write) is dropped with a warning; a malformed line anywhere else
+    raises ``MetricsFileError`` naming the file and line.
+    """
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    recs = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError(f"a {type(rec).__name__}, not a JSON object")
+        except ValueError as e:
+            if i == last:
+                log.warning("%s: dropping a torn last line %d (%r)", path, i + 1, line[:80])
+                break
+            raise MetricsFileError(f"{path}, line {i + 1}: malformed record ({e}); fix or remove that line") \
+                from None
+        recs.append(rec)
+    return recs
 
 
 def truncate_after(workdir: str, step: int) -> None:
-    """Drops records after ``step`` (a resumed run rewrites them)."""
-    recs = [r for r in read_metrics(workdir) if r.get("step", 0) <= step]
+    """Keeps only the records up to ``step`` (the restored step; 0 for a fresh start), rewriting the file
+    atomically, so a resumed or restarted run never logs a step twice and a torn last line is repaired."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
+    if not os.path.exists(path):
+        return
+    recs = [r for r in read_metrics(workdir) if r.get("step", 0) <= step]
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    os.replace(tmp, path)
 
 
 def plot_losses(workdir: str, filename: str = "loss.png") -> str | None:

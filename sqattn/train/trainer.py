@@ -28,6 +28,7 @@ from sqattn.train import flops as flops_lib
 from sqattn.train import metrics as metrics_lib
 from sqattn.train import state as state_lib
 from sqattn.train import tasks as tasks_lib
+from sqattn.train import workdir as workdir_lib
 
 log = logging.getLogger("sqattn.train")
 
@@ -127,27 +128,56 @@ def check_memory(setup: state_lib.Setup, config) -> int:
     return need
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks: save, then exit cleanly."""
+class Preempted(BaseException):
+    """SIGTERM/SIGINT arrived where there is nothing to save (start-up, restore, compile, the final eval).
+
+    A ``BaseException`` (like ``KeyboardInterrupt``), so no ``except Exception`` on the way (orbax's, ours)
+    mistakes it for a corrupt checkpoint.
+    """
+
+    def __init__(self, signum: int, phase: str):
+        self.signum, self.phase = signum, phase
+        super().__init__(f"{signal.Signals(signum).name} during {phase}")
+
+
+class _Signals:
+    """SIGTERM and SIGINT for the whole of ``train_and_evaluate``.
+
+    In the training loop (``phase == "train"``) a signal sets ``requested``: the loop saves a checkpoint and
+    returns. In the other phases nothing can be lost, so it raises ``Preempted`` at once. A second SIGINT in
+    the loop raises ``KeyboardInterrupt`` (the impatient Ctrl-C). ``phase = "cleanup"`` ignores signals
+    while files are being closed.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._prev = None
+        self.phase = "start-up"
+        self._prev: dict = {}
 
     def __enter__(self):
-        try:
-            self._prev = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread (e.g. a notebook worker): no handler
-            self._prev = None
+        for sig in self.SIGNALS:
+            try:
+                self._prev[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread (e.g. a notebook worker): no handler
+                pass
         return self
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and exiting")
+        name = signal.Signals(signum).name
+        if self.phase == "cleanup":
+            return
+        if self.phase != "train":
+            raise Preempted(signum, self.phase)
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("%s received: saving a checkpoint and exiting", name)
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGTERM, self._prev)
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
         return False
 
 
@@ -160,7 +190,7 @@ def _progress(total: int, initial: int, enabled: bool):
 
 # ----------------------------------------------------------------------------------------------- main
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, allow_config_change: bool = False) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns final metrics.
 
     Args:
@@ -168,17 +198,58 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
       workdir: output directory: ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``loss.png``, ``config.json``.
       stop_after: simulate preemption after this step (as if SIGTERM arrived): save and return.
       progress: show a progress bar with loss, tokens/s and MFU.
+      allow_config_change: resume even when the config differs from the checkpoint's in a way that changes
+        what the run computes (data, optimizer, batch, steps, seed); the changes go to ``metrics.jsonl``.
+        Without it such a resume raises ``ConfigChangeError`` and writes nothing. Model changes never resume.
+
+    Raises:
+      ConfigError, WorkdirError, WorkdirBusyError (another process holds the workdir), ConfigChangeError,
+      CheckpointError (no intact checkpoint), NonFiniteLossError, MemoryBudgetError, and ``Preempted`` for a
+      SIGTERM/SIGINT outside the training loop (inside it, a signal saves a checkpoint and returns).
 
     Returns:
       The last train record merged with the last eval record, plus ``"stopped_early"``.
     """
-    validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    with _Signals() as signals:
+        validate(config)
+        workdir_lib.prepare(workdir)
+        is_main = jax.process_index() == 0
+        lock = workdir_lib.WorkdirLock(workdir).acquire() if is_main else None
+        closers: list = []          # what _train opened (checkpointer, metrics writer, progress bar)
+        try:
+            return _train(config, workdir, signals, closers, stop_after=stop_after,
+                          progress=progress and is_main, allow_config_change=allow_config_change)
+        finally:
+            signals.phase = "cleanup"
+            for close in reversed(closers):
+                close()
+            if lock is not None:
+                lock.release()
+
+
+def _resume_check(saved_config: dict | None, config_json: dict, allow: bool) -> tuple[dict, dict]:
+    """Compares the checkpoint's config with the one asked for; raises ``ConfigChangeError`` if refused."""
+    if saved_config is None:
+        return {}, {}
+    saved_config = {k: v for k, v in saved_config.items()}
+    operational, altering = workdir_lib.config_changes(saved_config, config_json)
+    model_keys = {k: v for k, v in altering.items() if k.startswith("model.") or k in ("model_name", "task")}
+    if model_keys:        # never resumable: the checkpoint's arrays are another model's
+        raise ckpt_lib.CheckpointError(
+            "the checkpoint was written with a different model config; refusing to resume:\n"
+            + workdir_lib.format_changes(model_keys) + "\nUse another --workdir, or the saved config.")
+    if altering and not allow:
+        raise workdir_lib.ConfigChangeError(
+            "resuming with a config that changes what the run computes:\n" + workdir_lib.format_changes(altering)
+            + "\nNothing was written. Use the saved config (config.json), another --workdir, or accept the "
+              "change with --allow_config_change (it is recorded in metrics.jsonl).")
+    return operational, altering
+
+
+def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after, progress: bool,
+           allow_config_change: bool) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     config_json = json.loads(config.to_json_best_effort())
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json, f, indent=2, sort_keys=True)
     log.info("config:\n%s", config)
 
     # --- mesh, task, data
@@ -188,27 +259,45 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     train_ds, eval_ds = task.make_datasets(config, shard_index=jax.process_index(),
                                            shard_count=jax.process_count())
     vocab = getattr(config.model, "vocab_size", None)
-    if vocab is not None and train_ds.vocab_size > vocab:
+    if vocab is not None and getattr(train_ds, "vocab_size", 0) > vocab:
         raise ValueError(f"data {config.data.name!r} has vocab_size {train_ds.vocab_size} but "
                          f"model.vocab_size={vocab}; raise --config.model.vocab_size")
-    batch_sharding = NamedSharding(setup.mesh, P(("data", "fsdp")))
 
     def to_global(np_batch):
         return {k: jax.make_array_from_process_local_data(
             NamedSharding(setup.mesh, P(("data", "fsdp"), *([None] * (v.ndim - 1)))), v)
             for k, v in np_batch.items()}
 
-    # --- state: resume or init
+    # --- state: resume (newest intact checkpoint, config compared first) or init
+    signals.phase = "restore"
     checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state = checkpointer.restore(latest, setup.abstract_state, setup.state_shardings, config_json)
-        log.info("resumed from %s/%d", checkpointer.directory, latest)
-        if is_main:
-            metrics_lib.truncate_after(workdir, latest)
+    closers.append(checkpointer.close)
+    changes: dict = {}
+
+    def on_meta(step, meta):
+        changes["operational"], changes["altering"] = _resume_check(
+            (meta or {}).get("config"), config_json, allow_config_change)
+
+    restored = checkpointer.restore_latest_good(setup.abstract_state, setup.state_shardings, config_json,
+                                                on_meta=on_meta)
+    if restored is not None:
+        state = restored[1]
+        log.info("resumed from %s/%d", checkpointer.directory, restored[0])
     else:
         state = state_lib.init_state(config, setup)
     start = int(state["step"])
+    # Only now, with the resume accepted, does anything in the workdir change.
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    closers.append(writer.close)
+    if is_main:
+        workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config_json)
+        metrics_lib.truncate_after(workdir, start)
+        for kind in ("operational", "altering"):
+            if changes.get(kind):
+                writer.write_event({"step": start, "event": f"config_change_{kind}", "changes": changes[kind]})
+                log.warning("resumed at step %d with %s config changes:\n%s", start, kind,
+                            workdir_lib.format_changes(changes[kind]))
+    signals.phase = "compile"
 
     # --- compiled steps
     with sharding.activation_sharding(setup.mesh, setup.rules):
@@ -224,7 +313,6 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     fpt = state_lib.flops_per_token(model_view, setup.abstract_params, seq_len)
     peak = flops_lib.system_peak_flops()
     tokens_per_step = config.batch_size * seq_len
-    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     meta = {"config": config_json}
 
     def evaluate(step: int, params) -> dict:
@@ -244,55 +332,70 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     last_train: dict = {}
     last_eval: dict = {}
     stopped_early = False
-    bar = _progress(config.num_steps, start, progress and is_main)
     pending = None   # (step, metrics) of the previous step, fetched one step late to keep the device busy
     t_last, steps_since = time.perf_counter(), 0
-    try:
-        with _Preemption() as preempt, sharding.activation_sharding(setup.mesh, setup.rules):
-            step = start
-            while step < config.num_steps:
-                batch = to_global(train_ds.batch(step))
-                state, m = train_step(state, batch)
-                step += 1
-                steps_since += 1
-                if pending is not None:
-                    last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
-                                                t_last, steps_since) or last_train
-                pending = (step, m)
-                needs_sync = (step % config.checkpoint_every == 0 or step == config.num_steps
-                              or (config.eval_every and step % config.eval_every == 0)
-                              or preempt.requested or step == stop_after)
-                if needs_sync:
-                    last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
-                                                t_last, steps_since, force=True) or last_train
-                    pending = None
-                    t_last, steps_since = time.perf_counter(), 0
-                if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-                    last_eval = evaluate(step, state["params"])
-                    if bar is not None:
-                        bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()
-                                                             if k != "step"))
-                if step % config.checkpoint_every == 0 or step == config.num_steps:
-                    save(step, state)
-                if preempt.requested or step == stop_after:
-                    if step % config.checkpoint_every and step != config.num_steps:
-                        save(step, state)
-                    stopped_early = step < config.num_steps
-                    break
+    bar = _progress(config.num_steps, start, progress and is_main)
+    if bar is not None:
+        closers.append(bar.close)
+    signals.phase = "train"
+    with sharding.activation_sharding(setup.mesh, setup.rules):
+        step = start
+        while step < config.num_steps:
+            batch = to_global(train_ds.batch(step))
+            state, m = train_step(state, batch)
+            step += 1
+            steps_since += 1
             if pending is not None:
                 last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
+                                            t_last, steps_since) or last_train
+            pending = (step, m)
+            needs_sync = (step % config.checkpoint_every == 0 or step == config.num_steps
+                          or (config.eval_every and step % config.eval_every == 0)
+                          or signals.requested or step == stop_after)
+            if needs_sync:
+                last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
                                             t_last, steps_since, force=True) or last_train
-        if not stopped_early:
+                pending = None
+                t_last, steps_since = time.perf_counter(), 0
+            if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+                last_eval = evaluate(step, state["params"])
+                if bar is not None:
+                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()
+                                                         if k != "step"))
+            if step % config.checkpoint_every == 0 or step == config.num_steps:
+                save(step, state)
+            if signals.requested or step == stop_after:
+                if step % config.checkpoint_every and step != config.num_steps:
+                    save(step, state)
+                stopped_early = step < config.num_steps
+                break
+        if pending is not None:
+            last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
+                                        t_last, steps_since, force=True) or last_train
+    signals.phase = "final eval"
+    if not stopped_early:
+        last_eval = _logged_eval(workdir, int(state["step"])) if start == config.num_steps else None
+        if last_eval is None:
             last_eval = evaluate(int(state["step"]), state["params"])
-    finally:
-        if bar is not None:
-            bar.close()
-        writer.close()
-        checkpointer.close()
+        if not last_train:
+            last_train = _logged_train(workdir, int(state["step"])) or {}
+    signals.phase = "cleanup"
     plot = metrics_lib.plot_losses(workdir) if is_main else None
     result = {**last_train, **last_eval, "stopped_early": stopped_early, "step": int(state["step"]),
               "checkpoints": checkpointer.directory, "metrics": writer.path, "plot": plot}
     return result
+
+
+def _logged_eval(workdir: str, step: int) -> dict | None:
+    """The eval record already logged at ``step`` (a finished run run again), or ``None``."""
+    recs = [r for r in metrics_lib.read_metrics(workdir)
+            if r.get("step") == step and any(k.startswith("eval_") for k in r)]
+    return recs[-1] if recs else None
+
+
+def _logged_train(workdir: str, step: int) -> dict | None:
+    recs = [r for r in metrics_lib.read_metrics(workdir) if r.get("step") == step and "loss" in r]
+    return recs[-1] if recs else None
 
 
 def _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step, t_last, steps_since, force=False):

@@ -92,7 +92,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
     bad = _cfg(num_steps=8, checkpoint_every=1, **{"optim.lr": 1e38, "optim.warmup_steps": 0})
     with pytest.raises(NonFiniteLossError, match="non-finite"):
-        train_and_evaluate(bad, wd, progress=False)
+        train_and_evaluate(bad, wd, progress=False, allow_config_change=True)
     ck = ckpt_lib.Checkpointer(wd, 3)
     steps = ck.all_steps()
     ck.close()
@@ -112,7 +112,7 @@ def test_corrupt_checkpoint_gives_clear_error_and_is_kept(tmp_path):
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
     with pytest.raises(ckpt_lib.CheckpointError, match="could not be restored"):
-        train_and_evaluate(_cfg(num_steps=4, checkpoint_every=2), wd, progress=False)
+        train_and_evaluate(_cfg(num_steps=4, checkpoint_every=2), wd, progress=False, allow_config_change=True)
     with pytest.raises(ckpt_lib.CheckpointError, match="could not be restored"):
         sample.load_model(wd)                              # the params-only restore path too
     assert os.path.isdir(state_dir)
