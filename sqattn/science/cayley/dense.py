@@ -1,0 +1,169 @@
+"""Growth of Cayley graphs of permutations with a visited array indexed by Lehmer rank (no sorting).
+
+For a Cayley graph whose states are permutations of ``n <= 12`` distinct symbols, every state has a rank in
+``[0, n!)`` (its Lehmer code read as a factorial-base number). A single int32 array ``claim[n!]`` then replaces
+cayleypy's sorted seen-layers:
+
+* ``claim[r] == -1``: state ``r`` not reached yet;
+* expanding a frontier chunk gives candidates with ids ``0..X*F-1``; the fresh ones (``claim == -1``) write their
+  id with one scatter (duplicates: one write wins), and a candidate is new iff it reads its own id back. The winners
+  are compacted (cumsum + scatter) straight into the next layer's buffer.
+
+That is two gathers, two scatters and a cumulative sum per candidate, with no ``O(L log L)`` sort and no binary
+search; a state claimed by an earlier chunk of the same layer is already "seen", so chunks need no merge step; and
+the directed case (LX) costs the same as the undirected one (the array remembers every layer). Memory: ``4 n!``
+bytes (11!: 160 MB, 12!: 1.9 GB) plus the frontier keys. The frontier stays bit-packed (:mod:`encoding`), so
+generators are applied as in the sort engine; the rank is computed from the packed fields with a running bitmask
+of the symbols already placed: ``c_i = d_i - popcount(placed & ((1 << d_i) - 1))``, ``rank = sum_i c_i (n-1-i)!``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sqattn.science.cayley.bfs import MIN_CAPACITY, GrowthResult, _check_sizes, bucket  # noqa: F401
+from sqattn.science.cayley.encoding import SENTINEL, Encoding
+from sqattn.science.cayley.groups import GraphDef
+
+MAX_DENSE_N = 12  # 12! < 2**31 (int32 ranks)
+
+
+def dense_applicable(graph: GraphDef, max_states: int) -> str | None:
+    """``None`` if the dense engine can run ``graph``, else the reason it cannot."""
+    if not graph.is_cayley:
+        return "the central state has repeated symbols (a coset graph); use the sort engine"
+    if graph.n > MAX_DENSE_N:
+        return f"n = {graph.n} > {MAX_DENSE_N}: ranks would not fit int32"
+    if math.factorial(graph.n) > max_states:
+        return f"n! = {math.factorial(graph.n)} states exceed max_dense_states = {max_states}"
+    return None
+
+
+def rank_packed(key, enc: Encoding, symbols: np.ndarray):
+    """Lehmer rank (int32, in ``[0, n!)``) of packed one-word permutation keys of any shape.
+
+    ``symbols`` maps the central state's symbols to ``0..n-1`` (identity for ``range(n)``); it is applied through
+    a small lookup so any set of distinct symbols ranks correctly.
+    """
+    n = enc.n
+    lut = None if symbols is None else jnp.asarray(symbols, jnp.int32)
+    placed = jnp.zeros(key.shape, jnp.int32)
+    rank = jnp.zeros(key.shape, jnp.int32)
+    mask = jnp.uint64((1 << enc.width) - 1)
+    for i in range(n - 1):
+        raw = ((key >> jnp.uint64(enc.position(i)[1])) & mask).astype(jnp.int32)
+        d = raw if lut is None else lut[raw]
+        c = d - jax.lax.population_count(placed & ((jnp.int32(1) << d) - 1))
+        rank = rank * (n - i) + c
+        placed = placed | (jnp.int32(1) << d)
+    return rank
+
+
+@functools.partial(jax.jit, static_argnames=("enc", "gens", "chunk", "symbols"), donate_argnums=(0, 4))
+def _dense_step(claim, cur, cur_count, offset, nxt, nxt_count, *, enc: Encoding, gens: tuple, chunk: int,
+                symbols: tuple | None):
+    """Expands ``cur[offset : offset + chunk]``; appends its new states to ``nxt`` (from ``nxt_count`` on).
+
+    Args:
+      claim: int32 ``[n!]`` (-1 = unseen); donated and returned updated.
+      cur: uint64 ``[C]`` current layer keys (one word). nxt: uint64 ``[N]`` next layer buffer (donated).
+    Returns:
+      (claim, nxt, nxt_count).
+    """
+    num_states = claim.shape[0]
+    front = jax.lax.dynamic_slice(cur, (offset,), (chunk,))                       # [F]
+    valid = offset + jnp.arange(chunk) < cur_count                                # [F]
+    cand = jnp.concatenate([enc.apply((front,), g)[0] for g in gens])             # [X*F]
+    valid = jnp.tile(valid, len(gens))                                            # [X*F]
+    lut = None if symbols is None else np.asarray(symbols)
+    rank = rank_packed(cand, enc, lut)                                            # [X*F] int32
+    fresh = valid & (claim[jnp.where(valid, rank, 0)] < 0)
+    ids = jnp.arange(cand.shape[0], dtype=jnp.int32)
+    claim = claim.at[jnp.where(fresh, rank, num_states)].set(ids, mode="drop")
+    win = fresh & (claim[jnp.where(fresh, rank, 0)] == ids)
+    pos = nxt_count + jnp.cumsum(win.astype(jnp.int32)) - 1
+    nxt = nxt.at[jnp.where(win, pos, nxt.shape[0])].set(cand, mode="drop")
+    return claim, nxt, pos[-1] + 1
+
+
+def growth_dense(graph: GraphDef, *, max_layers: int | None = None, chunk_size: int = 1 << 16,
+                 min_capacity: int = MIN_CAPACITY, max_layer_size_to_store: int = 1000,
+                 max_dense_states: int = math.factorial(11),
+                 on_layer: Callable[[int, int], None] | None = None) -> GrowthResult:
+    """Growth of a Cayley graph of permutations with the rank-indexed visited array (module docstring).
+
+    Same arguments and result as :func:`sqattn.science.cayley.bfs.growth_sorted`, plus ``max_dense_states`` (the
+    largest ``n!`` to allocate; 11! by default). Shapes: every call expands exactly ``chunk_size`` frontier slots
+    (tiny layers are padded: ``X * chunk_size`` candidates cost milliseconds), and the two layer buffers (current,
+    next; swapped each layer) only grow, by doubling to the next power of two above ``X * |layer|``. So a run
+    compiles one program per buffer size, ~``log2(largest layer / chunk_size)`` of them.
+
+    Raises:
+      ValueError: the graph is not a Cayley graph of permutations of ``n <= 12`` symbols or ``n!`` is too large.
+    """
+    reason = dense_applicable(graph, max_dense_states)
+    if reason:
+        raise ValueError(f"dense engine cannot run {graph.name!r}: {reason}")
+    _check_sizes(chunk_size, min_capacity)
+    enc = Encoding.for_state(graph.central_state, max_words=1)
+    gens = tuple(tuple(int(v) for v in g) for g in graph.generators)
+    central = graph.central_state
+    symbols = None
+    if not np.array_equal(central, np.arange(graph.n)):
+        lut = np.zeros(int(central.max()) + 1, np.int32)
+        lut[np.sort(central)] = np.arange(graph.n)
+        symbols = tuple(int(v) for v in lut)
+    num_x = len(gens)
+    total = math.factorial(graph.n)
+    start = time.perf_counter()
+    shapes: set = set()
+    with jax.enable_x64(True):
+        first = enc.encode(central[None])[0]                                     # [1] uint64
+        cap = max(chunk_size, min_capacity)                                      # both buffers; grows only
+        cur = jnp.asarray(np.concatenate([first, np.full(cap - 1, SENTINEL, np.uint64)]))
+        spare = jnp.full((cap,), SENTINEL, jnp.uint64)                           # next layer's buffer
+        cur_count = 1
+        claim = jnp.full((total,), -1, jnp.int32)
+        start_rank = int(rank_packed(jnp.asarray(first), enc, None if symbols is None else np.asarray(symbols))[0])
+        claim = claim.at[start_rank].set(0)
+        sizes, layers = [1], {0: central[None].copy()}
+        if on_layer:
+            on_layer(0, 1)
+        seen_total, truncated = 1, False
+        while True:
+            if max_layers is not None and len(sizes) > max_layers:
+                truncated = True
+                break
+            bound = min(num_x * cur_count, total - seen_total)                     # states the layer can have
+            if bound > cap:                                                        # grow both buffers
+                grown = bucket(bound, cap)
+                cur = jnp.concatenate([cur, jnp.full((grown - cap,), SENTINEL, jnp.uint64)])
+                spare, cap = jnp.full((grown,), SENTINEL, jnp.uint64), grown
+            chunk = min(chunk_size, cap)
+            nxt, nxt_count = spare, 0
+            for offset in range(0, cur_count, chunk):
+                shapes.add((cap, chunk))
+                claim, nxt, nxt_count = _dense_step(claim, cur, cur_count, offset, nxt, nxt_count, enc=enc,
+                                                    gens=gens, chunk=chunk, symbols=symbols)
+            nxt_count = int(nxt_count)
+            if nxt_count == 0:
+                break
+            seen_total += nxt_count
+            sizes.append(nxt_count)
+            spare, cur, cur_count = cur, nxt, nxt_count                            # recycle the old layer's buffer
+            if nxt_count <= max_layer_size_to_store:
+                keys = np.sort(np.asarray(cur[:nxt_count]))
+                layers[len(sizes) - 1] = enc.decode(keys[None])
+            if on_layer:
+                on_layer(len(sizes) - 1, nxt_count)
+        last = len(sizes) - 1
+        if last not in layers and not truncated:
+            layers[last] = enc.decode(np.sort(np.asarray(cur[:cur_count]))[None])
+    return GrowthResult(graph.name, sizes, layers, time.perf_counter() - start, len(shapes), truncated, enc)
