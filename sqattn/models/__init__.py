@@ -7,6 +7,10 @@ import importlib
 # model_name -> "module:Class"; the class is built as Class(**config.model, rngs=rngs).
 MODELS = {
     "lm": "sqattn.models.lm:LM",
+    "ctr_lr": "sqattn.models.ctr:LR",
+    "ctr_dnn": "sqattn.models.ctr:DNN",
+    "dcn": "sqattn.models.ctr:DCN",
+    "fcn": "sqattn.models.ctr:FCN",
     "bearing_mlp": "sqattn.science.bearing.model:BearingMLP",
 }
 

@@ -73,6 +73,7 @@ class LMTask:
 # e.g. in sqattn/science/bearing/, adds one line here and costs nothing until a config names it).
 TASKS: dict[str, type | str] = {
     "lm": LMTask,
+    "ctr": "sqattn.train.ctr_task:CTRTask",
     "bearing": "sqattn.science.bearing.task:BearingTask",
 }
 
