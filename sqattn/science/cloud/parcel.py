@@ -107,7 +107,7 @@ class ParcelConfig:
     dt: float = 0.02
     duration: float = 300.0
     record_every: float = 10.0
-    newton_iters: int = 8
+    newton_iters: int = 12
     r_act: float = 1e-6
 
     @property
@@ -237,7 +237,8 @@ def validate_spectra(radii: np.ndarray, dry_radii: np.ndarray, xi: np.ndarray) -
 
 
 def phase_relaxation_time(temperature, pressure, radii, xi):
-    """``tau_p = 1 / (A2 4 pi rho_w G sum_i xi_i r_i)`` in s (NumPy or JAX; sums over the last axis)."""
+    """``tau_p = 1 / (A2 4 pi rho_w G sum_i xi_i r_i)`` in s (NumPy or JAX; sums over the last axis; inf without
+    droplets)."""
     xp = thermo._xp(radii)
     g = thermo.growth_coefficient(temperature, pressure)
     a2 = thermo.condensation_coefficient(temperature, pressure)
@@ -258,7 +259,8 @@ def implicit_growth(r, dry_radius, kappa, saturation, g, a, dt, iterations: int,
     ``min(r^2, max(b, 0) + (2 c k3)^(2/5), (2 c k3 / -b)^(2/3) if b < 0)``: ``r^2`` for growing droplets and the
     other two (upper bounds of the root) for evaporating ones, so a droplet drying to haze starts within a small
     factor of its root. The bracket ``[lo, hi]`` is tracked from the signs of ``H``: a step past ``hi`` restarts from
-    ``hi``, a step below ``lo`` (or with ``H' <= 0``, outside the convex region) bisects.
+    ``hi``, a step below ``lo`` (or with ``H' <= 0``, outside the convex region) bisects it geometrically (a droplet
+    that evaporates back through its Koehler maximum in one step can land decades below ``r^2``).
     A root below the floor ``(1.05 r_d)^2`` returns ``1.05 r_d``. All arguments broadcast.
 
     Returns:
@@ -299,7 +301,7 @@ def implicit_growth(r, dry_radius, kappa, saturation, g, a, dt, iterations: int,
         hi = jnp.where(h > 0, y, hi)
         newton = jnp.minimum(y - h / hp, hi)  # past hi (an upper bound): restart the monotone descent from hi
         ok = (hp > 0) & (newton >= lo)
-        return jnp.where(ok, newton, 0.5 * (lo + hi)), lo, hi
+        return jnp.where(ok, newton, jnp.sqrt(lo * hi)), lo, hi  # geometric bisection: the bracket spans decades
 
     y, _, _ = jax.lax.fori_loop(0, iterations, body, (y, lo, hi))
     y = jnp.maximum(y, floor)
@@ -417,14 +419,15 @@ def _step(st: _State, prm: Mapping[str, Any], rd, k3_pow, cfg: ParcelConfig, mix
     g = thermo.growth_coefficient(st.T, st.p)
     a = thermo.kelvin_coefficient(st.T)
     a1 = thermo.updraft_coefficient(st.T)
-    tau_p = phase_relaxation_time(st.T, st.p, st.r, st.xi)
+    relax = 1.0 / phase_relaxation_time(st.T, st.p, st.r, st.xi)  # 1 / tau_p (0 once every droplet is gone)
 
     # 1. Turbulence surrogate: OU updraft fluctuation and the supersaturation fluctuation it drives.
     decay_w = jnp.exp(-dt / prm["t_l"])
     noise = jax.random.normal(k_w, st.r.shape, jnp.float32).astype(jnp.float64)  # float32 draws: half the cost
     wp = decay_w * st.wp + prm["sigma_w"] * jnp.sqrt(1.0 - decay_w ** 2) * noise
-    decay_s = jnp.exp(-dt / tau_p)
-    sp = decay_s * st.sp + a1 * wp * tau_p * (1.0 - decay_s)
+    x_s = dt * relax
+    phi = jnp.where(x_s > 1e-8, -jnp.expm1(-x_s) / jnp.maximum(x_s, 1e-300), 1.0 - 0.5 * x_s)  # (1 - e^-x) / x
+    sp = jnp.exp(-x_s) * st.sp + a1 * wp * dt * phi
 
     # 2. Implicit growth of every droplet at its local supersaturation.
     x, resid = implicit_growth(st.r, rd, prm["kappa"], s_mean + sp, g, a, dt, cfg.newton_iters, k3_pow)
@@ -460,7 +463,7 @@ def _step(st: _State, prm: Mapping[str, Any], rd, k3_pow, cfg: ParcelConfig, mix
 
     new = _State(st.t + dt, z, p, temp, qv, qt, x, xi, wp, sp, key)
     water_err = jnp.abs(qv + _liquid(x, rd, xi) - qt)
-    return new, (s_mean, water_err, jnp.max(resid), dt / tau_p)
+    return new, (s_mean, water_err, jnp.max(resid), x_s)
 
 
 def _simulate_one(prm: Mapping[str, Any], key, r0, rd, xi0, cfg: ParcelConfig, mix: bool):
