@@ -85,11 +85,12 @@ def train_mlp(workdir: str, noise: float, split: str, envelope: bool, *, steps: 
     cfg = configs.get(config_arg(noise, split, envelope, steps=steps, records=records, seconds=seconds, seed=seed))
     t0 = time.perf_counter()
     out = train_and_evaluate(cfg, run_dir, progress=progress)
+    if out["stopped_early"]:   # SIGTERM/SIGINT: the run saved a checkpoint; stop here, a rerun resumes it
+        raise SystemExit(f"interrupted at step {out['step']} of {run_dir}; rerun the same command to resume")
     rec = {k: v for k, v in out.items() if k.startswith("eval_")}
     rec.update(wall_s=time.perf_counter() - t0, steps=int(out["step"]), train_loss=float(out["loss"]))
-    if not out["stopped_early"]:
-        with open(done, "w") as f:
-            json.dump(rec, f, indent=2)
+    with open(done, "w") as f:
+        json.dump(rec, f, indent=2)
     return rec, run_dir
 
 

@@ -88,33 +88,37 @@ def _rate_table() -> np.ndarray:
     return np.array([1.0] + [kinematics.impulse_multiplier(c) for c in kinematics.CLASSES[1:]], np.float32)
 
 
-def _record(key: jax.Array, label: jax.Array, rpm: jax.Array, spec: SynthSpec) -> dict:
+# Fields that set no shape: traced arguments of the jitted synthesiser, so e.g. every noise level shares one compile.
+_DYNAMIC = ("noise", "slip", "resonance_hz", "damping", "severity", "gain_db", "background")
+
+
+def _record(key: jax.Array, label: jax.Array, rpm: jax.Array, spec: SynthSpec, p: dict) -> dict:
+    """One record; ``spec`` gives the shapes (static), ``p`` the ``_DYNAMIC`` values (traced)."""
     n, kmax, ring = spec.num_samples, spec.max_impulses, spec.ring_samples
     ks = jax.random.split(key, 12)
     u = lambda k, lo, hi: jax.random.uniform(k, (), jnp.float32, lo, hi)  # noqa: E731
     f_r = rpm / 60.0 * (1.0 + spec.speed_jitter * jax.random.normal(ks[0], ()))
     t = jnp.arange(n, dtype=jnp.float32) / spec.fs
-    x = jnp.zeros((n,), jnp.float32)
-    if spec.background:
-        a1, a2 = u(ks[1], 0.05, 0.2), u(ks[2], 0.02, 0.1)
-        p1, p2 = u(ks[3], 0.0, 2 * np.pi), u(ks[4], 0.0, 2 * np.pi)
-        x = x + a1 * jnp.sin(2 * np.pi * f_r * t + p1) + a2 * jnp.sin(4 * np.pi * f_r * t + p2)
+    a1, a2 = u(ks[1], 0.05, 0.2), u(ks[2], 0.02, 0.1)
+    p1, p2 = u(ks[3], 0.0, 2 * np.pi), u(ks[4], 0.0, 2 * np.pi)
+    x = p["background"] * (a1 * jnp.sin(2 * np.pi * f_r * t + p1) + a2 * jnp.sin(4 * np.pi * f_r * t + p2))
 
     # --- fault impulse train
     f_d = jnp.asarray(_rate_table())[label] * f_r
     period = 1.0 / f_d
     t0 = u(ks[5], 0.0, 1.0) * period
     k = jnp.arange(kmax, dtype=jnp.float32)
-    tk = k * period + t0 + spec.slip * period * jax.random.normal(ks[6], (kmax,))           # [K]
+    tk = k * period + t0 + p["slip"] * period * jax.random.normal(ks[6], (kmax,))           # [K]
     ftf = kinematics.multipliers()["ftf"] * f_r
     modulation = jnp.stack([jnp.zeros_like(tk),                                            # normal: none
                             1.0 + 0.8 * jnp.cos(2 * np.pi * f_r * tk),                      # inner
                             jnp.ones_like(tk),                                             # outer
                             0.6 * (1.0 + 0.8 * jnp.cos(2 * np.pi * ftf * tk))])[label]     # ball
-    severity = u(ks[7], *spec.severity)
+    severity = u(ks[7], p["severity"][0], p["severity"][1])
     amp = severity * modulation * (1.0 + 0.2 * jax.random.normal(ks[8], (kmax,)))           # [K]
     valid = (tk >= 0) & (tk < spec.seconds) & (label > 0)
-    f_n, zeta = u(ks[9], *spec.resonance_hz), u(ks[10], *spec.damping)
+    f_n = u(ks[9], p["resonance_hz"][0], p["resonance_hz"][1])
+    zeta = u(ks[10], p["damping"][0], p["damping"][1])
     w_n = 2 * np.pi * f_n
     start = jnp.ceil(tk * spec.fs).astype(jnp.int32)                                       # first sample >= t_k
     idx = start[:, None] + jnp.arange(ring, dtype=jnp.int32)[None, :]                      # [K, ring]
@@ -126,9 +130,9 @@ def _record(key: jax.Array, label: jax.Array, rpm: jax.Array, spec: SynthSpec) -
 
     # --- noise and gain
     kn1, kn2, kg = jax.random.split(ks[11], 3)
-    sigma = spec.noise * u(kn1, 0.8, 1.2)
+    sigma = p["noise"] * u(kn1, 0.8, 1.2)
     x = x + sigma * jax.random.normal(kn2, (n,))
-    gain = 10.0 ** (u(kg, -spec.gain_db, spec.gain_db) / 20.0) if spec.gain_db else 1.0
+    gain = 10.0 ** (p["gain_db"] * u(kg, -1.0, 1.0) / 20.0)
     return {"x": gain * x, "impulse_times": tk, "impulse_valid": valid, "shaft_hz": f_r, "fault_hz": f_d,
             "gain": gain}
 
@@ -144,8 +148,8 @@ def _check(labels, rpms, spec: SynthSpec) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _records(keys, labels, rpms, spec):
-    return jax.vmap(lambda k, c, r: _record(k, c, r, spec))(keys, labels, rpms)
+def _records(keys, labels, rpms, params, spec):
+    return jax.vmap(lambda k, c, r: _record(k, c, r, spec, params))(keys, labels, rpms)
 
 
 def synthesize(keys: jax.Array, labels, rpms, spec: SynthSpec = SynthSpec(), *,
@@ -165,5 +169,7 @@ def synthesize(keys: jax.Array, labels, rpms, spec: SynthSpec = SynthSpec(), *,
       "gain" [R].
     """
     _check(labels, rpms, spec)
-    out = _records(keys, jnp.asarray(labels, jnp.int32), jnp.asarray(rpms, jnp.float32), spec)
+    params = {f: jnp.asarray(getattr(spec, f), jnp.float32) for f in _DYNAMIC}
+    shapes_only = dataclasses.replace(spec, **{f: getattr(SynthSpec, f) for f in _DYNAMIC})
+    out = _records(keys, jnp.asarray(labels, jnp.int32), jnp.asarray(rpms, jnp.float32), params, shapes_only)
     return out if details else out["x"]
