@@ -16,6 +16,27 @@ def optim_config() -> ml_collections.ConfigDict:
         eps=1e-8,
         grad_clip=1.0,        # global-norm clip; 0 disables
         grad_accum=1,         # micro-batches per step (batch_size is the full step batch)
+        trainable="",         # regex over parameter paths ("blocks/0/mixer/q/lora_a"); "" = all. Others frozen
+    ))
+
+
+def init_config() -> ml_collections.ConfigDict:
+    """Start a run's parameters from another run's checkpoint (fine-tuning, conversion, growth)."""
+    return ml_collections.ConfigDict(dict(
+        workdir="",           # the source run's workdir; "" = initialise from config.seed
+        step=-1,              # its checkpoint step; -1 = the latest
+        transfer="same",      # "same": identical parameter tree; "transplant": copy every path/shape both
+                              # models share, the rest stays initialised (e.g. attention -> Liger)
+    ))
+
+
+def peft_config() -> ml_collections.ConfigDict:
+    """Adapters applied after the model is built and initialised (and loaded from ``init``)."""
+    return ml_collections.ConfigDict(dict(
+        method="",            # "" (none) or "lora"
+        targets="q,k,v",      # comma-separated Dense attribute names to adapt
+        rank=8,
+        alpha=8.0,
     ))
 
 
@@ -43,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 200     # steps between checkpoints (and at the end, and on SIGTERM)
     c.keep_checkpoints = 3       # orbax max_to_keep
     c.optim = optim_config()
+    c.init = init_config()
+    c.peft = peft_config()
     c.mesh = mesh_config()
     return c
 

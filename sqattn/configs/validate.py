@@ -37,6 +37,16 @@ def validate(cfg: ml_collections.ConfigDict, *, check_devices: bool = True) -> N
     _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1 and optim.b2 must be in [0, 1), got {o.b1}, {o.b2}")
     _check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    init, peft = cfg.get("init"), cfg.get("peft")
+    if init is not None:
+        _check(init.transfer in ("same", "transplant"),
+               f"init.transfer must be 'same' or 'transplant', got {init.transfer!r}")
+        _check(not init.workdir or __import__("os").path.isdir(init.workdir),
+               f"init.workdir {init.workdir!r} is not a directory (the run to start from)")
+    if peft is not None:
+        _check(peft.method in ("", "lora"), f"peft.method must be '' or 'lora', got {peft.method!r}")
+        _check(not peft.method or (peft.rank >= 1 and any(t.strip() for t in peft.targets.split(","))),
+               f"peft needs rank >= 1 and at least one target, got rank={peft.rank}, targets={peft.targets!r}")
     _check(cfg.batch_size % o.grad_accum == 0,
            f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={o.grad_accum}")
     sharding.mesh_rules(cfg.mesh.rules)

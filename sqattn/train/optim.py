@@ -33,3 +33,30 @@ def make_optimizer(o, num_steps: int) -> tuple[optax.GradientTransformation, opt
     parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                              mask=decay_mask))
     return optax.chain(*parts), schedule
+
+
+def param_paths(params) -> list[str]:
+    """"/"-joined paths of a pure parameter dict's leaves ("blocks/0/mixer/q/lora_a")."""
+    return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def only_trainable(tx: optax.GradientTransformation, params, pattern: str) -> optax.GradientTransformation:
+    """``tx`` on the parameters whose path matches the regex ``pattern`` (``re.search``); the others are
+    frozen: zero updates and no optimizer state.
+
+    Raises:
+      ValueError: ``pattern`` is not a regex, or matches no parameter.
+    """
+    import re
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"optim.trainable {pattern!r} is not a regular expression: {e}") from None
+    paths = param_paths(params)
+    hits = [p for p in paths if rx.search(p)]
+    if not hits:
+        raise ValueError(f"optim.trainable {pattern!r} matches no parameter; paths look like: {paths[:4]}")
+    labels = jax.tree.unflatten(jax.tree.structure(params),
+                                ["train" if rx.search(p) else "freeze" for p in paths])
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

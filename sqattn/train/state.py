@@ -34,8 +34,30 @@ class Setup:
     schedule: Any
 
 
-def build_model(config, seed: int | None = None) -> nnx.Module:
+def build_base_model(config, seed: int | None = None) -> nnx.Module:
+    """The model of ``config.model`` as initialised from the seed, before any adapter."""
     return models.build(config.model_name, config.model, nnx.Rngs(params=config.seed if seed is None else seed))
+
+
+def apply_peft(model: nnx.Module, config, seed: int | None = None) -> nnx.Module:
+    """Wraps ``model``'s layers in the adapters of ``config.peft`` (in place; none when ``method`` is "")."""
+    peft = config.get("peft") or {}
+    method = peft.get("method", "")
+    if not method:
+        return model
+    if method != "lora":
+        raise ValueError(f"peft.method {method!r} unknown; known: 'lora'")
+    from sqattn.peft import lora
+    targets = [t.strip() for t in str(peft.get("targets", "")).split(",") if t.strip()]
+    rngs = nnx.Rngs(params=(config.seed if seed is None else seed) + 7919)
+    lora.apply_lora(model, targets, rank=int(peft.get("rank", 8)), alpha=float(peft.get("alpha", 8.0)),
+                    rngs=rngs)
+    return model
+
+
+def build_model(config, seed: int | None = None) -> nnx.Module:
+    """The trained model: ``config.model`` built from the seed, with ``config.peft`` adapters applied."""
+    return apply_peft(build_base_model(config, seed), config, seed)
 
 
 def abstract_model(config):
@@ -45,13 +67,43 @@ def abstract_model(config):
     return graphdef, params
 
 
-def _is_tree_like(ref_def):
-    def check(x):
-        try:
-            return jax.tree.structure(x) == ref_def
-        except Exception:  # noqa: BLE001 - non-pytree leaves
-            return False
-    return check
+def load_init_model(config) -> nnx.Module:
+    """``config.model`` with its parameters taken from ``config.init.workdir``'s checkpoint, then adapted.
+
+    ``init.transfer == "same"`` requires the source run's parameter tree (paths and shapes) to equal this
+    model's; ``"transplant"`` copies every parameter both share (``sqattn.models.convert.transplant``) and
+    keeps the rest as initialised from ``config.seed``. Runs on the host (one device) before sharding.
+    """
+    from sqattn import sample
+    from sqattn.models import convert
+    init = config.init
+    src, _ = sample.load_model(init.workdir, None if int(init.step) < 0 else int(init.step))
+    dst = build_base_model(config)
+    report = convert.transplant(src, dst)
+    if init.transfer == "same" and (report["missing_in_src"] or report["unused_in_src"]):
+        raise ValueError(
+            f"init.workdir {init.workdir!r} holds another parameter tree (init.transfer='same'): only in this "
+            f"model: {report['missing_in_src'][:5]}, only in the source: {report['unused_in_src'][:5]}. "
+            f"Use init.transfer='transplant' to copy what the two share.")
+    if init.transfer not in ("same", "transplant"):
+        raise ValueError(f"init.transfer {init.transfer!r} unknown; known: 'same', 'transplant'")
+    return apply_peft(dst, config)
+
+
+def _opt_shardings(aopt, params, param_sh, replicated):
+    """Optimizer-state shardings: a leaf whose path ends with a parameter's path and has its shape (Adam's
+    moments, also inside ``multi_transform``/``masked`` states) takes that parameter's sharding; the rest
+    (counts, scalars) is replicated."""
+    keyed = {jax.tree_util.keystr(p): (a.shape, s) for (p, a), s in
+             zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_sh))}
+
+    def pick(path, leaf):
+        for i in range(len(path)):
+            hit = keyed.get(jax.tree_util.keystr(path[i:]))
+            if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+                return hit[1]
+        return replicated
+    return jax.tree_util.tree_map_with_path(pick, aopt)
 
 
 def make_setup(config, mesh: jax.sharding.Mesh | None = None) -> Setup:
@@ -61,11 +113,11 @@ def make_setup(config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     param_sh = sharding.param_shardings(aparams, mesh, rules)
     pure = nnx.to_pure_dict(aparams)
     tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
+    if config.optim.get("trainable"):
+        tx = optim.only_trainable(tx, pure, config.optim.trainable)
     aopt = jax.eval_shape(tx.init, pure)
-    # Optimizer moments mirror the params tree and take its shardings; everything else is replicated.
-    is_params = _is_tree_like(jax.tree.structure(pure))
+    opt_sh = _opt_shardings(aopt, pure, param_sh, NamedSharding(mesh, P()))
     replicated = NamedSharding(mesh, P())
-    opt_sh = jax.tree.map(lambda x: param_sh if is_params(x) else replicated, aopt, is_leaf=is_params)
     astate = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": pure, "opt_state": aopt}
     state_sh = {"step": replicated, "params": param_sh, "opt_state": opt_sh}
     return Setup(graphdef, aparams, astate, state_sh, mesh, rules, tx, schedule)
@@ -73,6 +125,14 @@ def make_setup(config, mesh: jax.sharding.Mesh | None = None) -> Setup:
 
 def init_state(config, setup: Setup) -> dict:
     """Initialises params and optimizer state directly into their shardings."""
+    init_cfg = config.get("init") or {}
+    if init_cfg.get("workdir"):
+        loaded = nnx.to_pure_dict(nnx.state(load_init_model(config), nnx.Param))
+        params = jax.device_put(jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), loaded,
+                                             setup.abstract_state["params"]), setup.state_shardings["params"])
+        init = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": setup.tx.init(p)}  # noqa
+        return jax.jit(init, out_shardings=setup.state_shardings)(params)
+
     def init():
         model = build_model(config)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

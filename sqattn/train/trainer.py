@@ -227,12 +227,17 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                 lock.release()
 
 
+def _base_defaults() -> dict:
+    """Every base setting's default: what a checkpoint written before a setting existed implicitly used."""
+    from sqattn.configs import base
+    return base.base_config().to_dict()
+
+
 def _resume_check(saved_config: dict | None, config_json: dict, allow: bool) -> tuple[dict, dict]:
     """Compares the checkpoint's config with the one asked for; raises ``ConfigChangeError`` if refused."""
     if saved_config is None:
         return {}, {}
-    saved_config = {k: v for k, v in saved_config.items()}
-    operational, altering = workdir_lib.config_changes(saved_config, config_json)
+    operational, altering = workdir_lib.config_changes(saved_config, config_json, defaults=_base_defaults())
     model_keys = {k: v for k, v in altering.items() if k.startswith("model.") or k in ("model_name", "task")}
     if model_keys:        # never resumable: the checkpoint's arrays are another model's
         raise ckpt_lib.CheckpointError(

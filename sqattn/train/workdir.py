@@ -179,12 +179,15 @@ def is_operational(key: str) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in OPERATIONAL)
 
 
-def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
+def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> tuple[dict, dict]:
     """(operational, altering) differences between two config JSONs: ``{key: [saved, current]}``.
 
-    A key present on one side only counts as a change (``None`` stands for the missing side).
+    A key the saved config lacks takes its value from ``defaults`` (a setting added to sqattn after the run
+    was saved); otherwise a key present on one side only counts as a change (``None`` for the missing side).
     """
     a, b = flatten(saved), flatten(current)
+    for key, val in flatten(defaults or {}).items():
+        a.setdefault(key, val)
     operational, altering = {}, {}
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key), b.get(key)
