@@ -146,10 +146,11 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
       segment_ids: ``[B, T]`` integer ids of packed sequences; the state resets to zero at each
         position whose id differs from the previous position's.
       chunk_size: chunk length of the chunked and Pallas forms (``T`` need not be a multiple).
-        Compiled Pallas on GPU wants a multiple of 16.
+        Compiled Pallas on GPU wants a multiple of 16 (``auto`` falls back to ``chunked`` otherwise).
       impl: ``"auto"``, ``"ref"``, ``"chunked"``, ``"pallas"`` or ``"interpret"``.
       block_sizes: Pallas tiles; defaults to ``pallas.BlockSizes.get_default``.
-      target: platform to compile for (``"cpu"``, ``"gpu"``, ``"tpu"``); default backend if None.
+      target: platform to compile for (``"cpu"``, ``"gpu"``, ``"tpu"``); default: the context's
+        (``kernels.dispatch.target_platform``: lowering target, mesh devices, then the default backend).
 
     Returns:
       ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in ``q.dtype``; ``final_state``
@@ -162,7 +163,15 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
     batch, length, heads, k_dim = q.shape
     if scale is None:
         scale = k_dim ** -0.5
-    resolved = dispatch.resolve_impl(impl, op="gla", target=target)
+    v_dim = v.shape[-1]
+
+    def unsupported(platform):
+        if platform == "gpu" and chunk_size % 16:
+            return f"chunk_size={chunk_size} is not a multiple of 16 (Triton tl.dot tiles)"
+        bs = block_sizes or pallas.BlockSizes.get_default(v_dim, platform)
+        return pallas.footprint(platform, length, k_dim, v_dim, q.dtype, chunk_size, bs).reason()
+
+    resolved = dispatch.resolve_impl(impl, op="gla", target=target, unsupported=unsupported)
     if resolved == "ref":
         o, final_state = ref.gla_recurrent(q, k, v, g, scale=scale, initial_state=initial_state,
                                            segment_ids=segment_ids)
@@ -171,17 +180,21 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
                                          segment_ids=segment_ids, chunk_size=chunk_size)
     else:
         platform = dispatch.target_platform(target)
-        if resolved == "pallas" and platform == "gpu" and chunk_size % 16:
-            raise ValueError(f"gla: chunk_size must be a multiple of 16 for the GPU kernel, "
-                             f"got {chunk_size}")
         if block_sizes is None:
-            block_sizes = pallas.BlockSizes.get_default(v.shape[-1], platform)
+            block_sizes = pallas.BlockSizes.get_default(v_dim, platform)
         if initial_state is None:
-            initial_state = jnp.zeros((batch, heads, k_dim, v.shape[-1]), jnp.float32)
-        o, final_state = _gla_pallas(
-            q, k, v, ref.expand_decay(g, q), initial_state.astype(jnp.float32),
-            ref.document_index(segment_ids, batch, length), float(scale), chunk_size,
-            block_sizes, resolved == "interpret", platform)
+            initial_state = jnp.zeros((batch, heads, k_dim, v_dim), jnp.float32)
+        kernel_platform = platform if platform in ("gpu", "tpu") else "gpu"
+
+        def run(q, k, v, g, h0, doc):
+            return _gla_pallas(q, k, v, g, h0, doc, float(scale), chunk_size, block_sizes,
+                               resolved == "interpret", kernel_platform)
+
+        # Under a mesh: shard_map over batch and heads (kernels.dispatch.shard_op).
+        o, final_state = dispatch.shard_op(
+            run, (q, k, v, ref.expand_decay(g, q), initial_state.astype(jnp.float32),
+                  ref.document_index(segment_ids, batch, length)),
+            [(0, 2), (0, 2), (0, 2), (0, 2), (0, 1), (0, None)], [(0, 2), (0, 1)])
     return o, (final_state if return_final_state else None)
 
 

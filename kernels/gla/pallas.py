@@ -24,10 +24,11 @@ are the full array dims (legal on TPU for any size, plain pointers on GPU).
 Forward only: ``ops.py`` wraps this in ``jax.custom_vjp`` and takes the backward from
 ``ref.gla_chunked``.
 
-Status: exercised on CPU through the Pallas interpreter (``interpret=True``). The block specs and
-ops used (2-D loads with ``pl.ds``, ``dot_general``, ``fori_loop``, elementwise math) are chosen
-for the Triton (GPU) and Mosaic (TPU) lowerings, but this file has not been compiled on either.
-On TPU each block holds a whole ``[T, K]`` sequence in VMEM, which bounds ``T``.
+Status: exercised on CPU through the Pallas interpreter (``interpret=True``) and lowered for Triton (GPU,
+parameters passed explicitly) and Mosaic (TPU, ``vmem_limit_bytes`` from ``footprint``) in the tests; not
+compiled or run on an accelerator here. On TPU each block holds a whole ``[T, K]`` sequence in VMEM
+(double-buffered), which bounds ``T``: ``footprint`` computes it, and ``ops.gla(impl="auto")`` falls back to
+the chunked path where it does not fit (at ``sse_h_2b`` shapes, T = 4096 and K = V = 256, it does: ~45 MiB).
 """
 
 from __future__ import annotations
@@ -39,15 +40,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels import tiles
 from kernels.gla import ref
 
-__all__ = ["BlockSizes", "gla_fwd"]
+__all__ = ["BlockSizes", "footprint", "gla_fwd", "padded_dim"]
 
-_MIN_TILE = 16  # smallest tl.dot dimension
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+padded_dim = tiles.padded_dim
+_pad_last = tiles.pad_last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,18 +66,6 @@ class BlockSizes:
         v_pad = padded_dim(v_dim)
         block_v = min(v_pad, 64) if platform == "gpu" else v_pad
         return cls(block_v=block_v)
-
-
-def padded_dim(dim: int) -> int:
-    """Kernel size of a head dim: the next power of two, at least 16."""
-    return max(_next_pow2(dim), _MIN_TILE)
-
-
-def _pad_last(x: jax.Array, size: int) -> jax.Array:
-    pad = size - x.shape[-1]
-    if pad == 0:
-        return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
 
 
 def _gla_fwd_kernel(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref,  # inputs
@@ -159,13 +146,24 @@ def _gla_fwd_kernel(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref,  #
     ht_ref[...] = jax.lax.fori_loop(0, num_chunks, chunk_body, h0_ref[...].astype(f32))
 
 
-def _compiler_params(platform: str, interpret: bool):
-    """Triton parameters on GPU: this kernel is written for the Triton lowering, and passing them
-    selects it over Mosaic GPU (the default ``pallas_call`` GPU backend in recent JAX)."""
-    if interpret or platform != "gpu":
-        return None
-    from jax.experimental.pallas import triton as pltriton  # GPU-only import
-    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+def footprint(platform: str, length: int, k_dim: int, v_dim: int, dtype, chunk_size: int,
+              block_sizes: BlockSizes) -> tiles.Footprint:
+    """On-chip bytes of one program (``kernels.tiles``): TPU from the BlockSpecs below, GPU from the
+    per-sub-chunk dot tiles and the carried state."""
+    chunk = int(chunk_size)
+    sub = block_sizes.sub_chunk if chunk % block_sizes.sub_chunk == 0 else chunk
+    num_chunks = -(-length // chunk)
+    t_pad, k_pad, v_pad = num_chunks * chunk, padded_dim(k_dim), padded_dim(v_dim)
+    bv, f32 = min(block_sizes.block_v, v_pad), jnp.float32
+    if platform == "tpu":
+        return tiles.tpu_footprint(
+            "gla_fwd",
+            [((t_pad, k_pad), dtype)] * 2 + [((t_pad, bv), dtype), ((t_pad, k_pad), f32), ((t_pad, 1), jnp.int32),
+             ((num_chunks * k_pad, 1), f32), ((k_pad, bv), f32), ((t_pad, bv), dtype), ((k_pad, bv), f32)],
+            temporaries=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * 4 + [((sub, bv), f32)] * 2)
+    return tiles.gpu_footprint(
+        "gla_fwd", [((sub, k_pad), dtype)] * 2 + [((k_pad, bv), dtype), ((sub, sub), dtype), ((sub, bv), dtype)],
+        live=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * 3 + [((sub, bv), f32)])
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "block_sizes", "interpret",
@@ -225,6 +223,9 @@ def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
     h0 = jnp.pad(initial_state.astype(jnp.float32),
                  ((0, 0), (0, 0), (0, k_pad - k_dim), (0, v_pad - v_dim)))  # [B, H, Kp, Vp]
 
+    fp = footprint(platform, length, k_dim, v_dim, q.dtype, chunk, block_sizes)
+    if not interpret:
+        tiles.require_fit(fp)
     kernel = functools.partial(_gla_fwd_kernel, scale=float(scale), chunk=chunk, sub=sub,
                                num_chunks=num_chunks, mm_dtype=mm_dtype)
     seq_k = pl.BlockSpec((None, None, t_pad, k_pad), lambda b, h, j: (b, h, 0, 0))
@@ -245,7 +246,8 @@ def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
             jax.ShapeDtypeStruct((batch, heads, k_pad, v_pad), jnp.float32),
         ],
         interpret=interpret,
-        compiler_params=_compiler_params(platform, interpret),
+        compiler_params=tiles.compiler_params(platform, interpret, footprint=fp,
+                                              dimension_semantics=("parallel",) * 3),
         name="gla_fwd",
     )(q_t, k_t, v_t, cum_t, doc[:, :, None], carry, h0)
     o = jnp.transpose(o, (0, 2, 1, 3))[:, :length, :, :v_dim]  # [B, T, H, V]

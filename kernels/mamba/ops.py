@@ -6,7 +6,9 @@ float32. ``impl`` picks the implementation (see kernels/dispatch.py):
 * ``"ref"``: one token per ``lax.scan`` step;
 * ``"chunked"``: the chunked pure-jnp form (the CPU default of ``"auto"``);
 * ``"pallas"`` / ``"interpret"``: the Pallas forward kernel (compiled / interpreted) wrapped in a
-  ``jax.custom_vjp`` whose backward is ``jax.vjp`` of the chunked reference.
+  ``jax.custom_vjp`` whose backward is ``jax.vjp`` of the chunked reference; inside ``shard_map`` over the
+  batch axes of the context mesh (``kernels.dispatch.shard_op``). ``"auto"`` picks it on GPU and TPU (the
+  variant follows the target) unless the shape does not fit on chip (then the chunked path, logged).
 
 Segment ids (packed sequences): the state is reset to zero before every position whose segment
 id differs from the previous position's. ``initial_state`` therefore applies only to each row's
@@ -110,18 +112,18 @@ def _check_ssd(op, x, dt, A, B, C, D, state, segment_ids, with_time=True):
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _selective_scan_kernel(chunk_size, block_sizes, interpret, u, delta, A, B, C, D, s0, resets):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _selective_scan_kernel(chunk_size, block_sizes, interpret, platform, u, delta, A, B, C, D, s0, resets):
     return pallas.selective_scan_fwd(u, delta, A, B, C, D, s0, resets, block_sizes=block_sizes,
-                                     interpret=interpret)
+                                     interpret=interpret, platform=platform)
 
 
-def _selective_scan_kernel_fwd(chunk_size, block_sizes, interpret, *args):
-    out = _selective_scan_kernel(chunk_size, block_sizes, interpret, *args)
+def _selective_scan_kernel_fwd(chunk_size, block_sizes, interpret, platform, *args):
+    out = _selective_scan_kernel(chunk_size, block_sizes, interpret, platform, *args)
     return out, args
 
 
-def _selective_scan_kernel_bwd(chunk_size, block_sizes, interpret, residuals, cotangents):
+def _selective_scan_kernel_bwd(chunk_size, block_sizes, interpret, platform, residuals, cotangents):
     *primals, resets = residuals
 
     def chunked(u, delta, A, B, C, D, s0):
@@ -134,17 +136,17 @@ def _selective_scan_kernel_bwd(chunk_size, block_sizes, interpret, residuals, co
 _selective_scan_kernel.defvjp(_selective_scan_kernel_fwd, _selective_scan_kernel_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ssd_kernel(chunk_size, interpret, x, dt, A, B, C, D, s0, resets):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ssd_kernel(chunk_size, interpret, platform, x, dt, A, B, C, D, s0, resets):
     return pallas.ssd_fwd(x, dt, A, B, C, D, s0, resets, chunk_size=chunk_size,
-                          interpret=interpret)
+                          interpret=interpret, platform=platform)
 
 
-def _ssd_kernel_fwd(chunk_size, interpret, *args):
-    return _ssd_kernel(chunk_size, interpret, *args), args
+def _ssd_kernel_fwd(chunk_size, interpret, platform, *args):
+    return _ssd_kernel(chunk_size, interpret, platform, *args), args
 
 
-def _ssd_kernel_bwd(chunk_size, interpret, residuals, cotangents):
+def _ssd_kernel_bwd(chunk_size, interpret, platform, residuals, cotangents):
     *primals, resets = residuals
 
     def chunked(x, dt, A, B, C, D, s0):
@@ -157,6 +159,12 @@ def _ssd_kernel_bwd(chunk_size, interpret, residuals, cotangents):
 _ssd_kernel.defvjp(_ssd_kernel_fwd, _ssd_kernel_bwd)
 
 
+def _kernel_platform(target) -> str:
+    """Kernel variant: the target's, and the GPU one when interpreting on CPU."""
+    platform = dispatch.target_platform(target)
+    return platform if platform in ("gpu", "tpu") else "gpu"
+
+
 # ----------------------------------------------------------------------------------------------
 # Public ops.
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +174,7 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
                    D: jax.Array | None = None, *, initial_state: jax.Array | None = None,
                    return_final_state: bool = False, segment_ids: jax.Array | None = None,
                    chunk_size: int = 64, impl: str = "auto",
-                   block_sizes: pallas.BlockSizes | None = None
+                   block_sizes: pallas.BlockSizes | None = None, target: str | None = None
                    ) -> tuple[jax.Array, jax.Array | None]:
     """Mamba-1 (S6) selective scan.
 
@@ -187,6 +195,7 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
       chunk_size: tokens per chunk for ``"chunked"`` (and the kernels' chunked backward).
       impl: ``"auto"``, ``"ref"``, ``"chunked"``, ``"pallas"`` or ``"interpret"``.
       block_sizes: channel block of the Pallas kernel (default ``BlockSizes.get_default``).
+      target: platform to compile for (``kernels.dispatch.target_platform``: the context mesh's otherwise).
 
     Returns:
       ``(y, final_state)``: y [B, T, Din] in u.dtype; final_state [B, Din, N] float32, or None
@@ -198,29 +207,40 @@ def selective_scan(u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C
     op = "selective_scan"
     _check_selective_scan(op, u, delta, A, B, C, D, initial_state, segment_ids)
     _check_chunk(op, chunk_size)
-    # Compiled kernels only on GPU: they are written for the Triton lowering and have never been
-    # compiled or run on TPU (Mosaic), so "auto" on TPU takes the XLA chunked path.
-    resolved = dispatch.resolve_impl(impl, op=op, has_pallas=("gpu",))
     b, t, d = u.shape
+    n = A.shape[1]
+
+    def unsupported(platform):
+        bs = block_sizes or pallas.BlockSizes.get_default(d, platform)
+        if d % bs.block_d:
+            return f"block_d={bs.block_d} does not divide D_in={d}"
+        return pallas.selective_scan_footprint(platform, t, d, n, B.dtype, bs).reason()
+
+    resolved = dispatch.resolve_impl(impl, op=op, target=target, unsupported=unsupported)
     resets = None if segment_ids is None else ref.segment_resets(segment_ids, b, t)
     if resolved == "ref":
         y, s = ref.selective_scan_ref(u, delta, A, B, C, D, initial_state, resets)
     elif resolved == "chunked":
         y, s = ref.selective_scan_chunked(u, delta, A, B, C, D, initial_state, resets, chunk_size)
     else:
-        n = A.shape[1]
+        platform = _kernel_platform(target)
         d_skip = jnp.zeros((d,), _F32) if D is None else D
         s0 = jnp.zeros((b, d, n), _F32) if initial_state is None else initial_state
         resets = jnp.zeros((b, t), _F32) if resets is None else resets
-        y, s = _selective_scan_kernel(chunk_size, block_sizes, resolved == "interpret", u, delta,
-                                      A, B, C, d_skip, s0, resets)
+        fn = functools.partial(_selective_scan_kernel, chunk_size, block_sizes, resolved == "interpret",
+                               platform)
+        # Batch-parallel under a mesh; A, D are replicated (channels are not split: B/C are shared by all).
+        y, s = dispatch.shard_op(fn, (u, delta, A, B, C, d_skip, s0, resets),
+                                 [(0, None), (0, None), None, (0, None), (0, None), None, (0, None), (0, None)],
+                                 [(0, None), (0, None)])
     return y, (s if return_final_state else None)
 
 
 def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
         D: jax.Array | None = None, *, initial_state: jax.Array | None = None,
         return_final_state: bool = False, segment_ids: jax.Array | None = None,
-        chunk_size: int = 64, impl: str = "auto") -> tuple[jax.Array, jax.Array | None]:
+        chunk_size: int = 64, impl: str = "auto",
+        target: str | None = None) -> tuple[jax.Array, jax.Array | None]:
     """Mamba-2 state-space duality (SSD) scan: scalar decay per head.
 
     ``S_t = exp(dt_t A) S_{t-1} + (dt_t x_t) B_t^T`` and ``y_t = S_t C_t + D x_t`` per head, with
@@ -239,6 +259,7 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
       segment_ids: [B, T] ints; the state resets to zero wherever the id changes.
       chunk_size: tokens per chunk for ``"chunked"`` and the Pallas kernel.
       impl: ``"auto"``, ``"ref"``, ``"chunked"``, ``"pallas"`` or ``"interpret"``.
+      target: platform to compile for (``kernels.dispatch.target_platform``: the context mesh's otherwise).
 
     Returns:
       ``(y, final_state)``: y [B, T, H, P] in x.dtype; final_state [B, H, P, N] float32, or None
@@ -251,21 +272,29 @@ def ssd(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array,
     op = "ssd"
     _check_ssd(op, x, dt, A, B, C, D, initial_state, segment_ids)
     _check_chunk(op, chunk_size)
-    # Compiled kernels only on GPU: they are written for the Triton lowering and have never been
-    # compiled or run on TPU (Mosaic), so "auto" on TPU takes the XLA chunked path.
-    resolved = dispatch.resolve_impl(impl, op=op, has_pallas=("gpu",))
     b, t, h, p = x.shape
+    g, n = B.shape[-2:]
+
+    def unsupported(platform):
+        if platform == "tpu" and chunk_size % 8 and chunk_size < t:
+            return f"chunk_size={chunk_size} is not a multiple of 8 (TPU sublanes)"
+        return pallas.ssd_footprint(platform, t, p, n, x.dtype, chunk_size).reason()
+
+    resolved = dispatch.resolve_impl(impl, op=op, target=target, unsupported=unsupported)
     resets = None if segment_ids is None else ref.segment_resets(segment_ids, b, t)
     if resolved == "ref":
         y, s = ref.ssd_ref(x, dt, A, B, C, D, initial_state, resets)
     elif resolved == "chunked":
         y, s = ref.ssd_chunked(x, dt, A, B, C, D, initial_state, resets, chunk_size)
     else:
-        n = B.shape[-1]
         d_skip = jnp.zeros((h,), _F32) if D is None else D
         s0 = jnp.zeros((b, h, p, n), _F32) if initial_state is None else initial_state
         resets = jnp.zeros((b, t), _F32) if resets is None else resets
-        y, s = _ssd_kernel(chunk_size, resolved == "interpret", x, dt, A, B, C, d_skip, s0, resets)
+        fn = functools.partial(_ssd_kernel, chunk_size, resolved == "interpret", _kernel_platform(target))
+        # Batch-parallel under a mesh (heads stay whole: the B/C groups are shared across heads).
+        y, s = dispatch.shard_op(fn, (x, dt, A, B, C, d_skip, s0, resets),
+                                 [(0, None), (0, None), None, (0, None), (0, None), None, (0, None), (0, None)],
+                                 [(0, None), (0, None)])
     return y, (s if return_final_state else None)
 
 

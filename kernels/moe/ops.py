@@ -109,7 +109,8 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_gate: jax
       w_down: ``[E, I, H]``.
       impl: ``"auto"``, ``"ref"``, ``"chunked"``, ``"pallas"`` or ``"interpret"``.
       block_sizes: Pallas tiles; defaults to ``pallas.BlockSizes.get_default(I, platform)``.
-      target: platform to compile for (``"cpu"``, ``"gpu"``, ``"tpu"``); default backend if None. With
+      target: platform to compile for (``"cpu"``, ``"gpu"``, ``"tpu"``); default: the context's
+        (``kernels.dispatch.target_platform``). With
         ``impl="interpret"`` it selects which kernel variant the interpreter runs (GPU's by default).
 
     Returns:
@@ -119,8 +120,13 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_gate: jax
       ValueError: on a shape, dtype or argument that does not fit; the message names it.
     """
     _validate(x, expert_ids, weights, w_gate, w_up, w_down)
-    resolved = dispatch.resolve_impl(impl, op="moe_ffn", cpu_default="ref", target=target)
     num_experts, _, hidden = w_gate.shape
+
+    def unsupported(platform):
+        bs = block_sizes or pallas.BlockSizes.get_default(hidden, platform)
+        return pallas.footprint(platform, x.shape[0], x.shape[1], hidden, x.dtype, bs).reason()
+
+    resolved = dispatch.resolve_impl(impl, op="moe_ffn", cpu_default="ref", target=target, unsupported=unsupported)
     ids = expert_ids.astype(jnp.int32)
     if resolved == "ref":
         return ref.moe_ffn_ref(x, ids, weights, w_gate, w_up, w_down).astype(x.dtype)
@@ -131,11 +137,17 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_gate: jax
         block_sizes = pallas.BlockSizes.get_default(hidden, platform if resolved == "pallas" else "cpu")
     if block_sizes.block_m < 1 or block_sizes.block_i < 1:
         raise ValueError(f"moe_ffn: block sizes must be positive, got {block_sizes}")
-    layout = ref.tile_layout(ids, weights, num_experts, block_sizes.block_m)
-    x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)  # [N+1, H]
-    if resolved == "chunked":
-        out = ref.moe_ffn_tiled(x_pad, layout, w_gate, w_up, w_down)
-    else:
-        out = _moe_pallas(x_pad, layout, w_gate, w_up, w_down, block_sizes, resolved == "interpret",
-                          platform)
-    return out[:-1].astype(x.dtype)
+
+    def run(x, ids, weights, w_gate, w_up, w_down):
+        layout = ref.tile_layout(ids, weights, num_experts, block_sizes.block_m)
+        x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)  # [N+1, H]
+        if resolved == "chunked":
+            out = ref.moe_ffn_tiled(x_pad, layout, w_gate, w_up, w_down)
+        else:
+            out = _moe_pallas(x_pad, layout, w_gate, w_up, w_down, block_sizes, resolved == "interpret",
+                              platform)
+        return out[:-1].astype(x.dtype)
+
+    # Under a mesh: tokens split over the batch axes, experts replicated (kernels.dispatch.shard_op).
+    return dispatch.shard_op(run, (x, ids, weights, w_gate, w_up, w_down),
+                             [(0, None), (0, None), (0, None), None, None, None], [(0, None)])

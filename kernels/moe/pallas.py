@@ -43,19 +43,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels import tiles as tiling
 from kernels.moe import ref
 
 __all__ = ["BlockSizes", "moe_ffn_fwd"]
 
-_MIN_TILE = 16  # smallest tl.dot dimension
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-int(n) // m) * m
+_MIN_TILE = tiling.MIN_TILE
+_next_pow2 = tiling.next_pow2
+_round_up = tiling.round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +80,24 @@ def _padded_dims(platform: str, h: int, i: int, block_i: int) -> tuple[int, int]
     if platform == "tpu":
         return _round_up(h, 128), _round_up(i, block_i)
     return max(_next_pow2(h), _MIN_TILE), _round_up(i, block_i)
+
+
+def footprint(platform: str, n_tokens: int, h: int, i_dim: int, dtype, block_sizes: BlockSizes) -> tiling.Footprint:
+    """On-chip bytes of one program (``kernels.tiles``): TPU from the BlockSpecs and scratch of ``_call_tpu``,
+    GPU from the gathered rows, the three weight chunks and the ``[block_m, H]`` accumulator of a tile."""
+    bm, bi, f32 = block_sizes.block_m, block_sizes.block_i, jnp.float32
+    h_pad, _ = _padded_dims(platform, h, i_dim, bi)
+    n1 = n_tokens + 1
+    if platform == "tpu":
+        return tiling.tpu_footprint(
+            "moe_ffn_fwd",
+            [((n1, h_pad), dtype), ((h_pad, bi), dtype), ((h_pad, bi), dtype), ((bi, h_pad), dtype),
+             ((n1, h_pad), f32), ((n1, h_pad), f32)],
+            scratch=[((bm, h_pad), dtype), ((bm, h_pad), f32)],
+            temporaries=[((bm, bi), f32)] * 3 + [((bm, h_pad), f32)])
+    return tiling.gpu_footprint("moe_ffn_fwd", [((bm, h_pad), dtype), ((h_pad, bi), dtype), ((h_pad, bi), dtype),
+                                               ((bm, bi), dtype), ((bi, h_pad), dtype)],
+                               live=[((bm, h_pad), f32), ((bm, h_pad), dtype), ((bm, bi), f32)])
 
 
 def _ffn_chunk(xs, w_gate, w_up, w_down, mm_dtype):
@@ -157,10 +170,7 @@ def _call_gpu(args, *, n1, h_pad, i_pad, num_experts, tiles, block_sizes, interp
     bm, bi = block_sizes.block_m, block_sizes.block_i
     kernel = functools.partial(_gpu_kernel, block_i=bi, num_chunks=i_pad // bi, atomic=not interpret)
     whole = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton  # GPU-only import
-        params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    params = tiling.compiler_params("gpu", interpret)
     return pl.pallas_call(
         kernel,
         grid=(tiles,),
@@ -176,7 +186,7 @@ def _call_gpu(args, *, n1, h_pad, i_pad, num_experts, tiles, block_sizes, interp
     )(*args)
 
 
-def _call_tpu(args, *, n1, h_pad, i_pad, tiles, block_sizes, interpret, x_dtype):
+def _call_tpu(args, *, n1, h_pad, i_pad, tiles, block_sizes, interpret, x_dtype, fp):
     from jax.experimental.pallas import tpu as pltpu
     bm, bi = block_sizes.block_m, block_sizes.block_i
 
@@ -193,7 +203,8 @@ def _call_tpu(args, *, n1, h_pad, i_pad, tiles, block_sizes, interpret, x_dtype)
                   pl.BlockSpec((n1, h_pad), lambda i, c, te, r, w: (0, 0))],
         out_specs=pl.BlockSpec((n1, h_pad), lambda i, c, te, r, w: (0, 0)),
         scratch_shapes=[pltpu.VMEM((bm, h_pad), x_dtype), pltpu.VMEM((bm, h_pad), jnp.float32)])
-    params = None if interpret else pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary"))
+    params = None if interpret else pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary"),
+                                                         vmem_limit_bytes=fp.vmem_limit_bytes)
     return pl.pallas_call(
         functools.partial(_tpu_kernel, block_m=bm),
         grid_spec=grid_spec,
@@ -234,6 +245,9 @@ def moe_ffn_fwd(x_pad: jax.Array, layout: ref.TileLayout, w_gate: jax.Array, w_u
         raise ValueError(f"moe_ffn: the layout has {layout.rows.shape[0]} rows, expected tiles*block_m = "
                          f"{tiles}*{bm} (build it with block_m={bm})")
     h_pad, i_pad = _padded_dims(platform, h, i_dim, block_sizes.block_i)
+    fp = footprint(platform, n1 - 1, h, i_dim, x_pad.dtype, block_sizes)
+    if not interpret:
+        tiling.require_fit(fp)
     dt = x_pad.dtype
     x_k = jnp.pad(x_pad, ((0, 0), (0, h_pad - h)))  # [N+1, Hp]
     pad_w = lambda w, a, b: jnp.pad(w.astype(dt), ((0, 0), (0, a), (0, b)))  # noqa: E731
@@ -244,7 +258,7 @@ def moe_ffn_fwd(x_pad: jax.Array, layout: ref.TileLayout, w_gate: jax.Array, w_u
     args = (layout.tile_expert, layout.rows, layout.weights, x_k, wg, wu, wd, zeros)
     if platform == "tpu":
         out = _call_tpu(args, n1=n1, h_pad=h_pad, i_pad=i_pad, tiles=tiles, block_sizes=block_sizes,
-                        interpret=interpret, x_dtype=dt)
+                        interpret=interpret, x_dtype=dt, fp=fp)
     else:
         out = _call_gpu(args, n1=n1, h_pad=h_pad, i_pad=i_pad, num_experts=num_experts, tiles=tiles,
                         block_sizes=block_sizes, interpret=interpret)

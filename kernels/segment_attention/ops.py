@@ -51,7 +51,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import dispatch
+from kernels import dispatch, tiles
 from kernels.segment_attention import pallas, ref
 from kernels.segment_attention.ref import score_entries
 
@@ -93,15 +93,6 @@ def _validate(q, k, v, segment_len, segment_ids) -> None:
             raise ValueError(f"{_OP}: segment_ids must be an integer dtype, got {segment_ids.dtype}")
 
 
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-    pad = size - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
-
-
 def _kernel_forward(q, k, v, seg, segment_len, scale, block_sizes, interpret, platform):
     """Gathers checkpoints, pads to the tiles, runs the kernel and un-pads. ``seg`` ``[B, T]`` int32."""
     batch, length, heads, dim = q.shape
@@ -112,15 +103,15 @@ def _kernel_forward(q, k, v, seg, segment_len, scale, block_sizes, interpret, pl
     d_pad = pallas.padded_dim(dim)
 
     def head_major(x, rows):  # [B, n, heads, D] -> [B, heads, rows, D_pad]
-        x = _pad_axis(_pad_axis(x, 3, d_pad), 1, rows)
+        x = tiles.pad_axis(tiles.pad_axis(x, 3, d_pad), 1, rows)
         return jnp.transpose(x, (0, 2, 1, 3))
 
     ck = k[:, segment_len - 1::segment_len]  # [B, S, G, D]
     cv = v[:, segment_len - 1::segment_len]  # [B, S, G, D]
-    c_seg = _pad_axis(seg[:, segment_len - 1::segment_len], 1, s_pad)  # [B, S_pad]
+    c_seg = tiles.pad_axis(seg[:, segment_len - 1::segment_len], 1, s_pad)  # [B, S_pad]
     o, _ = pallas.segment_attention_fwd(
         head_major(q, t_pad), head_major(k, t_pad), head_major(v, t_pad),
-        _pad_axis(seg, 1, t_pad)[:, :, None],  # [B, T_pad, 1]
+        tiles.pad_axis(seg, 1, t_pad)[:, :, None],  # [B, T_pad, 1]
         head_major(ck, s_pad), head_major(cv, s_pad), c_seg[:, None, :],  # [B, 1, S_pad]
         scale=scale, segment_len=segment_len, num_ck=num_ck, block_sizes=bs, interpret=interpret,
         platform=platform)
@@ -171,7 +162,8 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_len: 
       block_k: checkpoint tile of the kernel (power of two >= 16); as ``block_q``.
       interpret: ``True`` runs the kernel through the Pallas interpreter even where ``impl`` resolves to
         ``"pallas"`` (same as ``impl="interpret"``); ``None``/``False`` keep ``impl``'s choice.
-      target: platform to compile for (``"cpu"``, ``"gpu"``, ``"tpu"``); default backend if None.
+      target: platform to compile for (``"cpu"``, ``"gpu"``, ``"tpu"``); default: the context's
+        (``kernels.dispatch.target_platform``: lowering target, mesh devices, then the default backend).
 
     Returns:
       ``[B, T, H, D]`` in ``q.dtype``.
@@ -182,7 +174,13 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_len: 
     _validate(q, k, v, segment_len, segment_ids)
     batch, length, _, dim = q.shape
     scale = float(dim ** -0.5 if scale is None else scale)
-    resolved = dispatch.resolve_impl(impl, op=_OP, cpu_default="ref", target=target)
+    def unsupported(platform):
+        d = pallas.BlockSizes.get_default(platform)
+        bs = pallas.BlockSizes(block_q=block_q or d.block_q, block_k=block_k or d.block_k)
+        return pallas.footprint(platform, length, ref.num_checkpoints(length, segment_len), dim, q.dtype,
+                                bs).reason()
+
+    resolved = dispatch.resolve_impl(impl, op=_OP, cpu_default="ref", target=target, unsupported=unsupported)
     if interpret and resolved == "pallas":
         resolved = "interpret"
     if resolved in ("ref", "chunked"):
@@ -194,7 +192,14 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_len: 
     block_sizes.fit(length, 1)  # validates the tiles (ValueError naming block_q / block_k)
     seg = (jnp.zeros((batch, length), jnp.int32) if segment_ids is None
            else segment_ids.astype(jnp.int32))
-    return _pallas_op(q, k, v, seg, segment_len, scale, block_sizes, resolved == "interpret", platform)
+    kernel_platform = platform if platform in ("gpu", "tpu") else "gpu"
+
+    def run(q, k, v, seg):
+        return _pallas_op(q, k, v, seg, segment_len, scale, block_sizes, resolved == "interpret",
+                          kernel_platform)
+
+    # Under a mesh: shard_map over batch and (query and kv) heads (kernels.dispatch.shard_op).
+    return dispatch.shard_op(run, (q, k, v, seg), [(0, 2), (0, 2), (0, 2), (0, None)], [(0, 2)])
 
 
 def segment_attention_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, ck: jax.Array,

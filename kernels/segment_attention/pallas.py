@@ -22,10 +22,9 @@ to a real query (their row index is ``>= T``); padded query rows are sliced off.
 Forward only: ``ops.py`` wraps it in ``jax.custom_vjp`` whose backward is ``jax.vjp`` of
 ``ref.segment_attention_ref``.
 
-Status: exercised on CPU through the Pallas interpreter (``interpret=True``). The ops used (2-D
-``pl.ds`` loads, ``dot_general``, 2-D ``broadcasted_iota``, a ``fori_loop`` with a dynamic trip count,
-elementwise math) are the ones the Triton (GPU) and Mosaic (TPU) flash-attention kernels use; this file
-has not been compiled on either here. On TPU every program holds the head's ``[S_pad, D]`` checkpoints in
+Status: exercised on CPU through the Pallas interpreter (``interpret=True``) and lowered for Triton (GPU) and
+Mosaic (TPU; from a CPU host inside ``kernels.dispatch.lowering_target("tpu")``, which names the chip) in the
+tests; not compiled or run on an accelerator here. On TPU every program holds the head's ``[S_pad, D]`` checkpoints in
 VMEM (``T / L`` rows), which bounds ``T / L``.
 """
 
@@ -38,20 +37,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels import tiles
 from kernels.segment_attention.ref import MASK_VALUE
 
-__all__ = ["BlockSizes", "padded_dim", "segment_attention_fwd"]
+__all__ = ["BlockSizes", "footprint", "padded_dim", "segment_attention_fwd"]
 
-_MIN_TILE = 16  # smallest tl.dot dimension
+padded_dim = tiles.padded_dim
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def padded_dim(dim: int) -> int:
-    """Kernel size of a head dim or a small block: the next power of two, at least 16."""
-    return max(_next_pow2(dim), _MIN_TILE)
+_MIN_TILE = tiles.MIN_TILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,13 +129,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, ck_ref, cv_ref, cseg_ref,  # inpu
     lse_ref[...] = m + jnp.log(l)
 
 
-def _compiler_params(platform: str, interpret: bool):
-    """Triton parameters on GPU: the kernel is written for the Triton lowering, and passing them selects
-    it over Mosaic GPU (the default ``pallas_call`` GPU backend in recent JAX)."""
-    if interpret or platform != "gpu":
-        return None
-    from jax.experimental.pallas import triton as pltriton  # GPU-only import
-    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+def footprint(platform: str, length: int, num_ck: int, dim: int, dtype, block_sizes: BlockSizes) -> tiles.Footprint:
+    """On-chip bytes of one program (``kernels.tiles``) for the fitted tiles of ``ops._kernel_forward``."""
+    bs = block_sizes.fit(length, num_ck)
+    bq, bk, d_pad, f32 = bs.block_q, bs.block_k, padded_dim(dim), jnp.float32
+    s_pad = max(-(-num_ck // bk), 1) * bk
+    if platform == "tpu":
+        return tiles.tpu_footprint(
+            "segment_attention_fwd",
+            [((bq, d_pad), dtype)] * 3 + [((bq, 1), jnp.int32), ((s_pad, d_pad), dtype), ((s_pad, d_pad), dtype),
+             ((1, s_pad), jnp.int32), ((bq, d_pad), dtype), ((bq, 1), f32)],
+            temporaries=[((bq, d_pad), f32)] * 2 + [((bq, bk), f32)] * 3)
+    return tiles.gpu_footprint("segment_attention_fwd",
+                               [((bq, d_pad), dtype), ((bk, d_pad), dtype), ((bq, bk), dtype), ((bk, d_pad), dtype)],
+                               live=[((bq, d_pad), f32), ((bq, bk), f32), ((bq, d_pad), dtype)])
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "segment_len", "num_ck", "block_sizes",
@@ -180,6 +180,9 @@ def segment_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.A
         raise ValueError(f"segment_attention: padded T={t_pad} / S={s_pad} must be positive multiples "
                          f"of block_q={bq} / block_k={bk}")
     mm_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
+    fp = footprint(platform, t_pad, num_ck, d_pad, q.dtype, block_sizes)
+    if not interpret:
+        tiles.require_fit(fp)
     kernel = functools.partial(_fwd_kernel, scale=float(scale), segment_len=int(segment_len),
                                num_ck=int(num_ck), block_q=bq, block_k=bk, mm_dtype=mm_dtype)
     q_blk = pl.BlockSpec((None, None, bq, d_pad), lambda b, h, i: (b, h, i, 0))
@@ -200,7 +203,8 @@ def segment_attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.A
             jax.ShapeDtypeStruct((batch, heads, t_pad, 1), jnp.float32),
         ],
         interpret=interpret,
-        compiler_params=_compiler_params(platform, interpret),
+        compiler_params=tiles.compiler_params(platform, interpret, footprint=fp,
+                                              dimension_semantics=("parallel",) * 3),
         name="segment_attention_fwd",
     )(q, k, v, q_seg, ck, cv, c_seg)
     return o, lse

@@ -143,10 +143,11 @@ def sse(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, w: jax.Array, *,
       return_final_state: also return the states after the last position.
       segment_ids: ``[B, T]`` integer ids of packed sequences (states reset where the id changes).
       chunk_size: chunk length of the chunked and Pallas forms (``T`` need not be a multiple).
-        Compiled Pallas on GPU wants a multiple of 16.
+        Compiled Pallas on GPU wants a multiple of 16 (``auto`` falls back to ``chunked`` otherwise).
       impl: ``"auto"``, ``"ref"``, ``"chunked"``, ``"pallas"`` or ``"interpret"``.
       block_sizes: Pallas tiles; defaults to ``pallas.BlockSizes.get_default``.
-      target: platform to compile for (``"cpu"``, ``"gpu"``, ``"tpu"``); default backend if None.
+      target: platform to compile for (``"cpu"``, ``"gpu"``, ``"tpu"``); default: the context's
+        (``kernels.dispatch.target_platform``: lowering target, mesh devices, then the default backend).
 
     Returns:
       ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in ``q.dtype``; ``final_state``
@@ -160,23 +161,34 @@ def sse(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, w: jax.Array, *,
     n, v_dim = w.shape[-1], v.shape[-1]
     if scale is None:
         scale = k_dim ** -0.5
-    resolved = dispatch.resolve_impl(impl, op="sse", target=target)
+    def unsupported(platform):
+        if platform == "gpu" and chunk_size % 16:
+            return f"chunk_size={chunk_size} is not a multiple of 16 (Triton tl.dot tiles)"
+        bs = block_sizes or pallas.BlockSizes.get_default(v_dim, platform)
+        return pallas.footprint(platform, length, k_dim, v_dim, n, q.dtype, chunk_size, bs).reason()
+
+    resolved = dispatch.resolve_impl(impl, op="sse", target=target, unsupported=unsupported)
     if resolved in ("ref", "chunked"):
         o, final_state = ref.sse_masked(
             q, k, v, g, w, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
             chunk_size=chunk_size, form="recurrent" if resolved == "ref" else "chunked")
     else:
         platform = dispatch.target_platform(target)
-        if resolved == "pallas" and platform == "gpu" and chunk_size % 16:
-            _fail(f"chunk_size must be a multiple of 16 for the GPU kernel, got {chunk_size}")
         if block_sizes is None:
             block_sizes = pallas.BlockSizes.get_default(v_dim, platform)
         if initial_state is None:
             initial_state = jnp.zeros((batch, n, heads, k_dim, v_dim), jnp.float32)
-        o, final_state = _sse_pallas(
-            q, k, v, gla_ref.expand_decay(g, q), w, initial_state.astype(jnp.float32),
-            gla_ref.document_index(segment_ids, batch, length), float(scale), chunk_size,
-            block_sizes, resolved == "interpret", platform)
+        kernel_platform = platform if platform in ("gpu", "tpu") else "gpu"
+
+        def run(q, k, v, g, w, h0, doc):
+            return _sse_pallas(q, k, v, g, w, h0, doc, float(scale), chunk_size, block_sizes,
+                               resolved == "interpret", kernel_platform)
+
+        # Under a mesh: shard_map over batch and heads (kernels.dispatch.shard_op).
+        o, final_state = dispatch.shard_op(
+            run, (q, k, v, gla_ref.expand_decay(g, q), w, initial_state.astype(jnp.float32),
+                  gla_ref.document_index(segment_ids, batch, length)),
+            [(0, 2), (0, 2), (0, 2), (0, 2), (0, None), (0, 2), (0, None)], [(0, 2), (0, 2)])
     return o, (final_state if return_final_state else None)
 
 

@@ -25,7 +25,9 @@ cost of an ``N``-times output buffer; q/k/v/g are never replicated.
 
 Forward only: ``ops.py`` wraps it in ``jax.custom_vjp`` with the backward of ``ref.sse_masked``.
 Status: run on CPU through the Pallas interpreter; the tests also lower it for Triton (GPU) and
-Mosaic (TPU) without running it there.
+Mosaic (TPU, ``vmem_limit_bytes`` from ``footprint``) without running it there. On TPU a program holds whole
+``[T, K]`` sequences in VMEM; ``footprint`` bounds that and ``ops.sse(impl="auto")`` falls back to the
+chunked path where it does not fit.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels import tiles
 from kernels.gla import pallas as gla_pallas
 from kernels.gla import ref as gla_ref
 
-__all__ = ["BlockSizes", "sse_fwd"]
+__all__ = ["BlockSizes", "footprint", "sse_fwd"]
+
+_pad_last = tiles.pad_last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,19 +67,28 @@ class BlockSizes:
         return cls(block_v=min(v_pad, 64) if platform == "gpu" else v_pad)
 
 
-def _pad_last(x: jax.Array, size: int) -> jax.Array:
-    pad = size - x.shape[-1]
-    if pad == 0:
-        return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-
-
-def _compiler_params(platform: str, interpret: bool):
-    """Triton parameters on GPU (selects the Triton lowering this kernel is written for)."""
-    if interpret or platform != "gpu":
-        return None
-    from jax.experimental.pallas import triton as pltriton  # GPU-only import
-    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+def footprint(platform: str, length: int, k_dim: int, v_dim: int, n: int, dtype, chunk_size: int,
+              block_sizes: BlockSizes) -> tiles.Footprint:
+    """On-chip bytes of one program (``kernels.tiles``): TPU from the BlockSpecs below, GPU from the
+    per-sub-chunk dot tiles, the sub-chunks kept for the state update and the carried state."""
+    chunk = int(chunk_size)
+    sub = block_sizes.sub_chunk if chunk % block_sizes.sub_chunk == 0 else chunk
+    num_chunks = -(-length // chunk)
+    t_pad, k_pad = num_chunks * chunk, gla_pallas.padded_dim(k_dim)
+    v_pad = gla_pallas.padded_dim(v_dim)
+    bv, f32, n_sub = min(block_sizes.block_v, v_pad), jnp.float32, chunk // sub
+    if platform == "tpu":
+        return tiles.tpu_footprint(
+            "sse_fwd",
+            [((t_pad, k_pad), dtype)] * 2 + [((t_pad, bv), dtype), ((t_pad, k_pad), f32), ((t_pad, 1), f32),
+             ((t_pad, 1), jnp.int32), ((num_chunks * k_pad, 1), f32), ((k_pad, bv), f32), ((t_pad, bv), f32),
+             ((k_pad, bv), f32)],
+            temporaries=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * (2 * n_sub + 3)
+            + [((sub, bv), f32)] * (n_sub + 1))
+    return tiles.gpu_footprint(
+        "sse_fwd", [((sub, sub), f32), ((sub, k_pad), dtype), ((sub, k_pad), dtype), ((k_pad, bv), dtype),
+                    ((sub, sub), dtype), ((sub, bv), dtype)],
+        live=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * (2 * n_sub + 2) + [((sub, bv), f32)] * (n_sub + 1))
 
 
 def _sse_fwd_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, doc_ref, carry_ref, h0_ref,  # inputs
@@ -231,6 +245,9 @@ def sse_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, w: jax.Array
     h0 = jnp.pad(initial_state.astype(jnp.float32),
                  ((0, 0),) * 3 + ((0, k_pad - k_dim), (0, v_pad - v_dim)))  # [B, N, H, Kp, Vp]
 
+    fp = footprint(platform, length, k_dim, v_dim, n, q.dtype, chunk, block_sizes)
+    if not interpret:
+        tiles.require_fit(fp)
     kernel = functools.partial(_sse_fwd_kernel, scale=float(scale), chunk=chunk, sub=sub,
                                num_chunks=num_chunks, mm_dtype=mm_dtype)
     seq_k = pl.BlockSpec((None, None, t_pad, k_pad), lambda b, h, i, j: (b, h, 0, 0))
@@ -254,7 +271,8 @@ def sse_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, w: jax.Array
             jax.ShapeDtypeStruct((batch, n, heads, k_pad, v_pad), jnp.float32),
         ],
         interpret=interpret,
-        compiler_params=_compiler_params(platform, interpret),
+        compiler_params=tiles.compiler_params(platform, interpret, footprint=fp,
+                                              dimension_semantics=("parallel",) * 4),
         name="sse_fwd",
     )(q_t, k_t, v_t, g_t, w_t, doc_t, carry, h0)
     o = jnp.sum(o, axis=1)  # [B, H, T_pad, V_pad]  sum over partitions, float32

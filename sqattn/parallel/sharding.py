@@ -25,6 +25,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kernels import dispatch as kernel_dispatch
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # name -> mesh axis (or tuple of axes, or None = replicated).
@@ -141,11 +143,29 @@ _ACTIVE = threading.local()
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh, rules):
+def activation_sharding(mesh, rules, *, target: str | None = None, device_kind: str | None = None):
+    """Activation constraints by logical names, and the kernel context of the program being built.
+
+    Inside, ``constrain`` applies ``rules`` on ``mesh``, and every ``kernels`` op resolves ``impl="auto"`` from
+    the mesh's devices (not the host's default backend) and runs its Pallas kernel inside ``shard_map`` over
+    the ``act_batch`` / ``act_heads`` mesh axes (``kernels.dispatch.kernel_context``).
+
+    Args:
+      mesh: the device mesh.
+      rules: a logical-axis rules table (``mesh_rules``).
+      target: compile for this platform instead of the mesh's (``"cuda"``/``"gpu"``, ``"tpu"``, ``"cpu"``),
+        e.g. to ``jax.export`` a train step for TPU from a CPU host (``kernels.dispatch.lowering_target``).
+      device_kind: with ``target="tpu"``, the chip to lower Mosaic kernels for (default: v5e).
+    """
     prev = getattr(_ACTIVE, "ctx", None)
     _ACTIVE.ctx = (mesh, rules)
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(kernel_dispatch.kernel_context(
+                mesh, batch_axes=rules.get("act_batch"), head_axes=rules.get("act_heads")))
+            if target is not None:
+                stack.enter_context(kernel_dispatch.lowering_target(target, device_kind=device_kind))
+            yield
     finally:
         _ACTIVE.ctx = prev
 
