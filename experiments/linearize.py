@@ -5,10 +5,12 @@
    (``lm_tiny`` at d_model 64, 4 layers, 4 heads / 2 kv heads, SwiGLU, RoPE, T 128, 500 steps). A teacher
    workdir that already holds a checkpoint is loaded instead: any softmax-attention run of
    ``experiments.train`` can be linearised.
-2. Each variant (liger.md §7 (a)-(f)): ``linearize_config`` -> build -> ``transplant`` the teacher (every
-   teacher weight is reused) -> LoRA rank 8 / alpha 8 on q, k, v -> fine-tune only the adapters (plus the new
-   gate projection of ``fresh_gate``) with AdamW lr 1e-3 (no decay), grad clip 1, batch 8 x 128 bytes of the
-   teacher's train text -> merge LoRA (the merged eval loss is checked against the unmerged one) -> saved as a
+2. Each variant (liger.md §7 (a)-(f)) is a run of the one trainer (``finetune_config``), in
+   ``<workdir>/runs/<variant>-<settings digest>``: ``linearize_config`` -> ``init`` transplants the teacher
+   (every teacher weight is reused) -> ``peft`` LoRA rank 8 / alpha 8 on q, k, v -> ``optim.trainable`` trains
+   only the adapters (plus the new gate projection of ``fresh_gate``) with AdamW lr 1e-3 (constant, no decay),
+   grad clip 1, batch 8 x 128 bytes of the teacher's train text; killed, it resumes from its checkpoint like
+   any run -> merge LoRA (the merged eval loss is checked against the unmerged one) -> saved as a
    run in ``<workdir>/models/<variant>`` (``experiments.sample --workdir=...`` samples from it).
 
    | variant      | Liger mixer config                          |
@@ -70,7 +72,7 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 import ml_collections
-import optax
+import numpy as np
 from absl import app, flags
 from flax import nnx
 
@@ -169,60 +171,72 @@ def eval_bpb(model: nnx.Module, data_cfg, *, seq_len: int, eval_tokens: int, bat
     return nll / max(weight, 1.0) / math.log(2.0)
 
 
-def _fresh_gate_filter(path, _):
-    """The Liger mixer's fresh gate projection ``blocks/<i>/mixer/gate/kernel``."""
-    return len(path) >= 3 and path[-3] == "mixer" and path[-2] == "gate"
+def finetune_config(name: str, teacher_workdir: str, teacher_cfg, *, steps: int, finetune_seq_len: int,
+                    window: int, batch_size: int, lr: float, chunk_size: int, seed: int):
+    """The trainer config of variant ``name``'s LoRA fine-tune: the teacher's run turned into a Liger model.
+
+    ``init`` transplants every teacher weight into the linearised model (``init.transfer="transplant"``),
+    ``peft`` wraps q, k, v in LoRA rank 8 / alpha 8 and ``optim.trainable`` trains only the adapters (plus the
+    new gate projection of ``fresh_gate``) with AdamW at a constant ``lr``, no decay, clip 1, on another draw of
+    the teacher's train text. ``python -m experiments.train`` takes the same settings as overrides.
+    """
+    from sqattn.models.convert import linearize_config
+    mixer = mixer_config(name, window=window, chunk_size=chunk_size)
+    cfg = ml_collections.ConfigDict(teacher_cfg.to_dict())
+    for key, default in (("init", base_sections().init), ("peft", base_sections().peft)):
+        if key not in cfg:                      # a teacher saved before these settings existed
+            cfg[key] = default
+    cfg.model = linearize_config(teacher_cfg.model, mixer_cfg=mixer)
+    cfg.name = f"linearize:{name}"
+    cfg.seed = seed
+    cfg.num_steps = steps
+    cfg.batch_size = batch_size
+    cfg.data.seq_len = finetune_seq_len
+    cfg.data.seed = int(teacher_cfg.data.get("seed", 0)) + 1000 + seed   # other train windows than the teacher's
+    cfg.init.workdir, cfg.init.step, cfg.init.transfer = teacher_workdir, -1, "transplant"
+    cfg.peft.method, cfg.peft.targets, cfg.peft.rank, cfg.peft.alpha = "lora", ",".join(LORA_TARGETS), 8, 8.0
+    cfg.optim.update(dict(lr=lr, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, b1=0.9, b2=0.999,
+                          eps=1e-8, grad_clip=1.0, grad_accum=1,
+                          trainable="lora_" + ("|mixer/gate/" if mixer["gate"] == "fresh" else "")))
+    cfg.eval_every, cfg.eval_batches = 0, 1
+    cfg.log_every = 1
+    cfg.checkpoint_every = max(1, min(100, steps))
+    cfg.keep_checkpoints = 1
+    cfg.mesh.fsdp = 1
+    return cfg
 
 
-def finetune(model: nnx.Module, data_cfg, wrt, *, steps: int, batch_size: int, lr: float, seed: int,
-             seq_len: int | None = None, progress: bool = False, desc: str = "finetune") -> dict[str, Any]:
-    """Trains the variables selected by ``wrt`` with AdamW (no decay, clip 1.0) on next-byte cross-entropy,
-    on rows of ``seq_len`` bytes (default: the data config's)."""
-    from sqattn import data
-    cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-    if seq_len:
-        cfg.seq_len = seq_len
-    cfg.seed = int(cfg.get("seed", 0)) + 1000 + seed   # another draw of train windows than the teacher's
-    ds = data.make_dataset(cfg, batch_size=batch_size, split="train")
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
-    opt = nnx.Optimizer(model, tx, wrt=wrt)
+def _digest(obj) -> str:
+    """8 hex digits naming a settings dict (a fine-tune run directory per settings, never reused for others)."""
+    import hashlib
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
-    @nnx.jit
-    def train_step(model, opt, inputs, targets, weights):
-        def loss_fn(m):
-            logits, _ = m(inputs)
-            nll, w, _ = weighted_cross_entropy(logits, targets, weights)
-            return nll / jnp.maximum(w, 1.0)
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
-        opt.update(model, grads)
-        return loss
 
-    losses = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+def base_sections():
+    from sqattn.configs import base
+    return base.base_config()
+
+
+def finetune(cfg, run_dir: str, *, progress: bool = False) -> dict[str, Any]:
+    """Runs the fine-tune ``cfg`` through the trainer in ``run_dir`` (resuming it if interrupted) and
+    summarises it from ``metrics.jsonl``; a run with 0 steps trains nothing."""
+    from sqattn.train import metrics as metrics_lib
+    from sqattn.train import train_and_evaluate
     t0 = time.perf_counter()
-    t_first = None
-    try:
-        for step in range(steps):
-            b = ds.batch(step)
-            loss = train_step(model, opt, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"]),
-                              jnp.asarray(b["weights"]))
-            losses.append(float(loss))
-            if step == 0:
-                t_first = time.perf_counter()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    finally:
-        if bar is not None:
-            bar.close()
-    steady = (time.perf_counter() - t_first) / (steps - 1) if steps > 1 else None
-    k = max(1, min(10, steps // 10)) if steps else 0
-    return {"steps": steps, "loss_first": sum(losses[:k]) / k if k else None,
-            "loss_last": sum(losses[-k:]) / k if k else None, "s_per_step": steady,
-            "wall_s": time.perf_counter() - t0}
+    if cfg.num_steps == 0:
+        return {"steps": 0, "loss_first": None, "loss_last": None, "s_per_step": None, "wall_s": 0.0,
+                "run_dir": None}
+    out = train_and_evaluate(cfg, run_dir, progress=progress)
+    if out.get("stopped_early"):
+        raise RuntimeError(f"fine-tune in {run_dir} stopped at step {out['step']}; rerun to resume it")
+    recs = [r for r in metrics_lib.read_metrics(run_dir) if "loss" in r]
+    losses = [r["loss"] for r in recs]
+    k = max(1, min(10, len(losses) // 10))
+    steady = [r["tokens_per_s"] for r in recs[1:]]
+    tokens = cfg.batch_size * cfg.data.seq_len
+    return {"steps": int(out["step"]), "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
+            "s_per_step": tokens / float(np.median(steady)) if steady else None,
+            "wall_s": time.perf_counter() - t0, "run_dir": run_dir}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,30 +254,35 @@ def mixer_config(name: str, *, window: int, chunk_size: int) -> dict[str, Any]:
     return cfg
 
 
-def run_variant(name: str, teacher: nnx.Module, teacher_cfg, *, steps: int, finetune_seq_len: int, window: int,
+def run_variant(name: str, teacher_workdir: str, teacher_cfg, *, steps: int, finetune_seq_len: int, window: int,
                 eval_lengths: Sequence[int], eval_tokens: int, batch_size: int, lr: float, chunk_size: int,
-                seed: int, save_dir: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Linearise, transplant, LoRA fine-tune, merge and evaluate one variant; with ``save_dir``, the merged
-    student is saved there as a loadable run (``sqattn.sample.save_model``)."""
-    from sqattn import models, sample
-    from sqattn.models.convert import linearize_config, transplant
-    from sqattn.peft import LoRAParam, apply_lora, count_params, merge_lora
+                seed: int, run_dir: str, save_dir: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Linearise, transplant, LoRA fine-tune (a trainer run in ``run_dir``), merge and evaluate one variant;
+    with ``save_dir``, the merged student is saved there as a loadable run (``sqattn.sample.save_model``)."""
+    from sqattn import sample
+    from sqattn.peft import LoRAParam, count_params, merge_lora
+    from sqattn.train import state as state_lib
     t0 = time.perf_counter()
-    mixer = mixer_config(name, window=window, chunk_size=chunk_size)
-    model_cfg = linearize_config(teacher_cfg.model, mixer_cfg=mixer)
-    student = models.build("lm", model_cfg, nnx.Rngs(params=seed))
-    report = transplant(teacher, student)
+    cfg = finetune_config(name, teacher_workdir, teacher_cfg, steps=steps if VARIANTS[name]["finetune"] else 0,
+                          finetune_seq_len=finetune_seq_len, window=window, batch_size=batch_size, lr=lr,
+                          chunk_size=chunk_size, seed=seed)
+    rec: dict[str, Any] = {"mixer": cfg.model.mixers.liger.to_dict(), "block_pattern": cfg.model.block_pattern}
+    rec["finetune"] = finetune(cfg, run_dir, progress=progress)
+    if rec["finetune"]["steps"]:
+        student, _ = sample.load_model(run_dir)
+    else:
+        student = state_lib.load_init_model(cfg)              # the transplanted, adapted, untrained student
+    from sqattn.models.convert import transplant
+    report = transplant(sample.load_model(teacher_workdir)[0], state_lib.build_base_model(cfg))
     if report["unused_in_src"]:
         raise ValueError(f"{name}: teacher weights not used by the student: {report['unused_in_src']}")
-    wrapped = apply_lora(student, LORA_TARGETS, rank=8, alpha=8.0, rngs=nnx.Rngs(params=seed + 1))
-    wrt = nnx.Any(LoRAParam, _fresh_gate_filter) if mixer["gate"] == "fresh" else LoRAParam
-    rec: dict[str, Any] = {
-        "mixer": mixer, "block_pattern": model_cfg.block_pattern, "lora_paths": len(wrapped),
-        "new_params": report["missing_in_src"], "total_params": count_params(student),
-        "trainable_params": count_params(student, wrt)}
-    n_steps = steps if VARIANTS[name]["finetune"] else 0
-    rec["finetune"] = finetune(student, teacher_cfg.data, wrt, steps=n_steps, batch_size=batch_size, lr=lr,
-                               seed=seed, seq_len=finetune_seq_len, progress=progress, desc=name)
+    import re
+    trainable = re.compile(cfg.optim.trainable)
+    rec.update(lora_paths=sum(1 for p, _ in nnx.to_flat_state(nnx.state(student, LoRAParam))
+                              if p[-1] == "lora_a"),
+               new_params=report["missing_in_src"], total_params=count_params(student),
+               trainable_params=int(sum(np.size(v[...]) for p, v in nnx.to_flat_state(nnx.state(student, nnx.Param))
+                                        if trainable.search("/".join(map(str, p))))))
     first = eval_lengths[0]
     unmerged = eval_bpb(student, teacher_cfg.data, seq_len=first, eval_tokens=eval_tokens,
                         batch_size=batch_size, progress=progress, desc=f"{name} unmerged")
@@ -279,8 +298,8 @@ def run_variant(name: str, teacher: nnx.Module, teacher_cfg, *, steps: int, fine
         log.warning("%s: merged LoRA eval %.5f differs from unmerged %.5f", name, bpb[str(first)], unmerged)
     rec["bpb"] = bpb
     if save_dir:
-        student_cfg = ml_collections.ConfigDict(teacher_cfg.to_dict())
-        student_cfg.model = model_cfg
+        student_cfg = ml_collections.ConfigDict(cfg.to_dict())
+        student_cfg.peft.method, student_cfg.optim.trainable, student_cfg.init.workdir = "", "", ""
         if os.path.isdir(save_dir):           # a stale save of other settings (its record was just recomputed)
             shutil.rmtree(save_dir)
         rec["saved_to"] = sample.save_model(save_dir, student, student_cfg)
@@ -378,10 +397,12 @@ def run(workdir: str, *, teacher_workdir: str | None = None, teacher_steps: int 
             model_dir = os.path.join(workdir, "models", name) if save_models else None
             rec, _ = common.cached_record(
                 os.path.join(workdir, "variants", f"{name}.json"), key,
-                lambda: run_variant(name, teacher, tcfg, steps=steps, finetune_seq_len=finetune_seq_len,
+                lambda: run_variant(name, teacher_workdir, tcfg, steps=steps, finetune_seq_len=finetune_seq_len,
                                     window=window, eval_lengths=eval_lengths, eval_tokens=eval_tokens,
                                     batch_size=batch_size, lr=lr, chunk_size=chunk_size, seed=seed,
-                                    save_dir=model_dir, progress=progress))
+                                    run_dir=os.path.join(workdir, "runs", f"{name}-{_digest(key)}"),
+                                    save_dir=model_dir,
+                                    progress=progress))
             results["variants"][name] = rec
             if bar is not None:
                 bar.update(1)
