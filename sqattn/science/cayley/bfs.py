@@ -175,6 +175,8 @@ class GrowthResult:
       seconds: wall time of the search (compilation included).
       compilations: distinct (function, shapes) pairs traced by this run (an upper bound on XLA compilations).
       truncated: stopped by ``max_layers`` before the orbit was exhausted.
+      encoding: how states were packed.
+      engine: ``"sort"``, ``"dense"`` or ``"mesh"``.
     """
 
     name: str
@@ -184,6 +186,7 @@ class GrowthResult:
     compilations: int
     truncated: bool = False
     encoding: Encoding | None = None
+    engine: str = "sort"
 
     @property
     def diameter(self) -> int:
@@ -361,15 +364,12 @@ def find_path(graph: GraphDef, result: GrowthResult, state: Sequence[int]) -> li
       ValueError: the state is not in any stored layer, or a needed layer was not stored.
     """
     enc = result.encoding
-    target = enc.encode(np.asarray(state)[None])
-    keys = {k: np.sort(enc.encode(v)[0]) if enc.words == 1 else None for k, v in result.layers.items()}
+    target = enc.encode(np.asarray(state)[None])                                  # [W, 1]
+    index = {k: {tuple(col) for col in enc.encode(v).T.tolist()} for k, v in result.layers.items()}
 
     def layer_of(key: np.ndarray) -> int | None:
-        for k, states in result.layers.items():
-            if any(np.array_equal(enc.encode(s[None]), key) for s in states) if enc.words > 1 else (
-                    keys[k].size and keys[k][min(np.searchsorted(keys[k], key[0, 0]), keys[k].size - 1)] == key[0, 0]):
-                return k
-        return None
+        word = tuple(key[:, 0].tolist())
+        return next((k for k, members in index.items() if word in members), None)
 
     depth = layer_of(target)
     if depth is None:

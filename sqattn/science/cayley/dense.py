@@ -66,31 +66,41 @@ def rank_packed(key, enc: Encoding, symbols: np.ndarray):
     return rank
 
 
-@functools.partial(jax.jit, static_argnames=("enc", "gens", "chunk", "symbols"), donate_argnums=(0, 4))
-def _dense_step(claim, cur, cur_count, offset, nxt, nxt_count, *, enc: Encoding, gens: tuple, chunk: int,
-                symbols: tuple | None):
-    """Expands ``cur[offset : offset + chunk]``; appends its new states to ``nxt`` (from ``nxt_count`` on).
+@functools.partial(jax.jit, static_argnames=("enc", "gens", "symbols"), donate_argnums=(0,))
+def _dense_chunk(claim, front, count, *, enc: Encoding, gens: tuple, symbols: tuple | None):
+    """New states reached from the first ``count`` of ``front``; claims them in ``claim``.
 
     Args:
       claim: int32 ``[n!]`` (-1 = unseen); donated and returned updated.
-      cur: uint64 ``[C]`` current layer keys (one word). nxt: uint64 ``[N]`` next layer buffer (donated).
+      front: uint64 ``[F]`` frontier keys (one word), the first ``count`` valid.
     Returns:
-      (claim, nxt, nxt_count).
+      (claim, uint64 ``[X*F]`` the new states first then ``SENTINEL``, their count). The shapes depend only on
+      ``F``, so a growth run compiles this once.
     """
-    num_states = claim.shape[0]
-    front = jax.lax.dynamic_slice(cur, (offset,), (chunk,))                       # [F]
-    valid = offset + jnp.arange(chunk) < cur_count                                # [F]
+    num_states, chunk = claim.shape[0], front.shape[0]
+    valid = jnp.arange(chunk) < count                                             # [F]
     cand = jnp.concatenate([enc.apply((front,), g)[0] for g in gens])             # [X*F]
     valid = jnp.tile(valid, len(gens))                                            # [X*F]
-    lut = None if symbols is None else np.asarray(symbols)
-    rank = rank_packed(cand, enc, lut)                                            # [X*F] int32
+    rank = rank_packed(cand, enc, None if symbols is None else np.asarray(symbols))  # [X*F] int32
     fresh = valid & (claim[jnp.where(valid, rank, 0)] < 0)
     ids = jnp.arange(cand.shape[0], dtype=jnp.int32)
-    claim = claim.at[jnp.where(fresh, rank, num_states)].set(ids, mode="drop")
-    win = fresh & (claim[jnp.where(fresh, rank, 0)] == ids)
-    pos = nxt_count + jnp.cumsum(win.astype(jnp.int32)) - 1
-    nxt = nxt.at[jnp.where(win, pos, nxt.shape[0])].set(cand, mode="drop")
-    return claim, nxt, pos[-1] + 1
+    claim = claim.at[jnp.where(fresh, rank, num_states)].set(ids, mode="drop")   # duplicates: one id wins
+    win = fresh & (claim[jnp.where(fresh, rank, 0)] == ids)                      # read your own id back
+    pos = jnp.cumsum(win.astype(jnp.int32)) - 1
+    out = jnp.full(cand.shape, SENTINEL, jnp.uint64).at[jnp.where(win, pos, cand.shape[0])].set(cand, mode="drop")
+    return claim, out, pos[-1] + 1
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _take(buf, offset, *, size: int):
+    """``buf[offset : offset + size]`` (``offset + size <= len(buf)``)."""
+    return jax.lax.dynamic_slice(buf, (offset,), (size,))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _append(buf, block, at):
+    """``buf[at : at + len(block)] = block`` in place (``at + len(block) <= len(buf)``)."""
+    return jax.lax.dynamic_update_slice(buf, block, (at,))
 
 
 def growth_dense(graph: GraphDef, *, max_layers: int | None = None, chunk_size: int = 1 << 16,
@@ -100,10 +110,11 @@ def growth_dense(graph: GraphDef, *, max_layers: int | None = None, chunk_size: 
     """Growth of a Cayley graph of permutations with the rank-indexed visited array (module docstring).
 
     Same arguments and result as :func:`sqattn.science.cayley.bfs.growth_sorted`, plus ``max_dense_states`` (the
-    largest ``n!`` to allocate; 11! by default). Shapes: every call expands exactly ``chunk_size`` frontier slots
-    (tiny layers are padded: ``X * chunk_size`` candidates cost milliseconds), and the two layer buffers (current,
-    next; swapped each layer) only grow, by doubling to the next power of two above ``X * |layer|``. So a run
-    compiles one program per buffer size, ~``log2(largest layer / chunk_size)`` of them.
+    largest ``n!`` to allocate; 11! by default). Shapes: the expansion program (:func:`_dense_chunk`) always sees
+    exactly ``chunk_size`` frontier slots (tiny layers are padded: ``X * chunk_size`` candidates cost
+    milliseconds), so it compiles once per graph; the two layer buffers (current, next; swapped each layer) only
+    grow, doubling past ``X * |layer| + X * chunk_size``, and only the tiny slice/append programs depend on their
+    size (~``log2(largest layer / chunk_size)`` of each, shared by every graph in the process).
 
     Raises:
       ValueError: the graph is not a Cayley graph of permutations of ``n <= 12`` symbols or ``n!`` is too large.
@@ -126,7 +137,8 @@ def growth_dense(graph: GraphDef, *, max_layers: int | None = None, chunk_size: 
     shapes: set = set()
     with jax.enable_x64(True):
         first = enc.encode(central[None])[0]                                     # [1] uint64
-        cap = max(chunk_size, min_capacity)                                      # both buffers; grows only
+        cap = bucket(chunk_size * (num_x + 1), min_capacity)                     # both buffers; grows only
+        shapes.add(("chunk", chunk_size))
         cur = jnp.asarray(np.concatenate([first, np.full(cap - 1, SENTINEL, np.uint64)]))
         spare = jnp.full((cap,), SENTINEL, jnp.uint64)                           # next layer's buffer
         cur_count = 1
@@ -142,16 +154,18 @@ def growth_dense(graph: GraphDef, *, max_layers: int | None = None, chunk_size: 
                 truncated = True
                 break
             bound = min(num_x * cur_count, total - seen_total)                     # states the layer can have
-            if bound > cap:                                                        # grow both buffers
-                grown = bucket(bound, cap)
+            if bound + num_x * chunk_size > cap:                                   # grow both buffers
+                grown = bucket(bound + num_x * chunk_size, cap)
                 cur = jnp.concatenate([cur, jnp.full((grown - cap,), SENTINEL, jnp.uint64)])
                 spare, cap = jnp.full((grown,), SENTINEL, jnp.uint64), grown
-            chunk = min(chunk_size, cap)
-            nxt, nxt_count = spare, 0
-            for offset in range(0, cur_count, chunk):
-                shapes.add((cap, chunk))
-                claim, nxt, nxt_count = _dense_step(claim, cur, cur_count, offset, nxt, nxt_count, enc=enc,
-                                                    gens=gens, chunk=chunk, symbols=symbols)
+            nxt, nxt_count = spare, jnp.int32(0)
+            for offset in range(0, cur_count, chunk_size):
+                shapes.update([("take", cap), ("append", cap)])
+                front = _take(cur, offset, size=chunk_size)
+                claim, out, found = _dense_chunk(claim, front, min(chunk_size, cur_count - offset), enc=enc,
+                                                 gens=gens, symbols=symbols)
+                nxt = _append(nxt, out, nxt_count)                                 # whole block; tail is padding
+                nxt_count = nxt_count + found
             nxt_count = int(nxt_count)
             if nxt_count == 0:
                 break
@@ -166,4 +180,4 @@ def growth_dense(graph: GraphDef, *, max_layers: int | None = None, chunk_size: 
         last = len(sizes) - 1
         if last not in layers and not truncated:
             layers[last] = enc.decode(np.sort(np.asarray(cur[:cur_count]))[None])
-    return GrowthResult(graph.name, sizes, layers, time.perf_counter() - start, len(shapes), truncated, enc)
+    return GrowthResult(graph.name, sizes, layers, time.perf_counter() - start, len(shapes), truncated, enc, "dense")

@@ -38,14 +38,14 @@ from sqattn.science.cayley.groups import GraphDef
 AXIS = "states"
 
 
-def _local_step(claim, cur, cur_count, nxt, nxt_count, offset, *, enc: Encoding, gens: tuple, chunk: int,
-                slots: int, num_devices: int):
-    """Per-device body (inside shard_map): shapes are local. Returns (claim, nxt, nxt_count, overflow)."""
-    num_local = claim.shape[0]
-    front = jax.lax.dynamic_slice(cur, (offset,), (chunk,))                       # [F]
-    valid = offset + jnp.arange(chunk) < cur_count[0]                             # [F]
+def _local_step(claim, front, count, *, enc: Encoding, gens: tuple, slots: int, num_devices: int):
+    """Per-device body (inside shard_map; local shapes): claim int32 ``[n!/D]``, front uint64 ``[F]``, count ``[1]``.
+
+    Returns (claim, uint64 ``[D*S]`` new states first then ``SENTINEL``, their count ``[1]``, overflow ``[1]``).
+    """
+    num_local, chunk = claim.shape[0], front.shape[0]
+    valid = jnp.tile(jnp.arange(chunk) < count[0], len(gens))                     # [X*F]
     cand = jnp.concatenate([enc.apply((front,), g)[0] for g in gens])             # [X*F]
-    valid = jnp.tile(valid, len(gens))
     rank = rank_packed(cand, enc, None)                                           # [X*F] int32
     dest = jnp.where(valid, rank % num_devices, num_devices)                      # [X*F]; invalid -> none
     onehot = (dest[:, None] == jnp.arange(num_devices)[None, :]).astype(jnp.int32)  # [X*F, D]
@@ -61,20 +61,36 @@ def _local_step(claim, cur, cur_count, nxt, nxt_count, offset, *, enc: Encoding,
     ids = jnp.arange(recv.shape[0], dtype=jnp.int32)
     claim = claim.at[jnp.where(fresh, local, num_local)].set(ids, mode="drop")
     win = fresh & (claim[jnp.where(fresh, local, 0)] == ids)
-    pos = nxt_count[0] + jnp.cumsum(win.astype(jnp.int32)) - 1
-    nxt = nxt.at[jnp.where(win, pos, nxt.shape[0])].set(recv, mode="drop")
+    pos = jnp.cumsum(win.astype(jnp.int32)) - 1
+    out = jnp.full(recv.shape, SENTINEL, jnp.uint64).at[jnp.where(win, pos, recv.shape[0])].set(recv, mode="drop")
     overflow = jax.lax.pmax(overflow.astype(jnp.int32), AXIS)
-    return claim, nxt, (pos[-1] + 1)[None], overflow[None]
+    return claim, out, (pos[-1] + 1)[None], overflow[None]
 
 
 @functools.lru_cache(maxsize=None)
-def _make_step(mesh: Mesh, enc: Encoding, gens: tuple, chunk: int, slots: int):
-    num_devices = mesh.shape[AXIS]
-    body = functools.partial(_local_step, enc=enc, gens=gens, chunk=chunk, slots=slots, num_devices=num_devices)
+def _make_step(mesh: Mesh, enc: Encoding, gens: tuple, slots: int):
+    """The jitted shard_map of :func:`_local_step` (one program per graph and ``slots``)."""
+    body = functools.partial(_local_step, enc=enc, gens=gens, slots=slots, num_devices=mesh.shape[AXIS])
     spec = P(AXIS)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, spec, spec, P()),
-                       out_specs=(spec, spec, spec, spec), check_vma=False)
-    return jax.jit(fn)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec,) * 4,
+                                 check_vma=False))
+
+
+@functools.lru_cache(maxsize=None)
+def _make_take_append(mesh: Mesh, chunk: int):
+    """Per-device ``buf[offset : offset + chunk]`` and ``buf[at_d : at_d + len(block)] = block`` (donated)."""
+    spec = P(AXIS)
+
+    def take(buf, offset):
+        return jax.lax.dynamic_slice(buf, (offset,), (chunk,))
+
+    def append(buf, block, at):
+        return jax.lax.dynamic_update_slice(buf, block, (at[0],))
+
+    take_fn = jax.jit(jax.shard_map(take, mesh=mesh, in_specs=(spec, P()), out_specs=spec, check_vma=False))
+    append_fn = jax.jit(jax.shard_map(append, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                                      check_vma=False), donate_argnums=(0,))
+    return take_fn, append_fn
 
 
 def sharded_growth(graph: GraphDef, mesh: Mesh | None = None, *, max_layers: int | None = None,
@@ -119,7 +135,8 @@ def sharded_growth(graph: GraphDef, mesh: Mesh | None = None, *, max_layers: int
         first = enc.encode(graph.central_state[None])[0]
         rank0 = int(rank_packed(jnp.asarray(first), enc, None)[0])
         owner = rank0 % num_devices
-        cap = chunk_size
+        slots = min(num_x * chunk_size, 2 * -(-num_x * chunk_size // num_devices))
+        cap = bucket(num_devices * slots * 2, chunk_size)                      # per device; grows only
         cur_host = np.full((num_devices, cap), SENTINEL, np.uint64)
         cur_host[owner, 0] = first[0]
         cur = put(cur_host.reshape(-1))
@@ -129,31 +146,37 @@ def sharded_growth(graph: GraphDef, mesh: Mesh | None = None, *, max_layers: int
         claim_host[owner, rank0 // num_devices] = 0
         claim = put(claim_host.reshape(-1))
         spare = put(np.full(num_devices * cap, SENTINEL, np.uint64))
-        slots = min(num_x * chunk_size, 2 * -(-num_x * chunk_size // num_devices))
+        take, append = _make_take_append(mesh, chunk_size)
         sizes, layers, seen_total, truncated = [1], {0: graph.central_state[None].copy()}, 1, False
         while True:
             if max_layers is not None and len(sizes) > max_layers:
                 truncated = True
                 break
-            bound = min(num_x * int(counts.max()) * num_devices, total - seen_total)  # any one device's new
-            if bound > cap:                                                        # grow the layer buffers
-                grown = bucket(bound, cap)
+            rounds = -(-int(counts.max()) // chunk_size)                           # chunks per device
+            # A device receives at most D * slots per round (slots may double, up to X * chunk).
+            need = min(total - seen_total, rounds * num_devices * num_x * chunk_size) + num_devices * num_x * chunk_size
+            if need > cap:                                                         # grow the layer buffers
+                grown = bucket(need, cap)
                 cur_host = np.full((num_devices, grown), SENTINEL, np.uint64)
                 cur_host[:, :cap] = np.asarray(cur).reshape(num_devices, cap)
-                cur, spare, cap = put(cur_host.reshape(-1)), put(np.full(num_devices * grown, SENTINEL,
-                                                                           np.uint64)), grown
+                spare = put(np.full(num_devices * grown, SENTINEL, np.uint64))
+                cur, cap = put(cur_host.reshape(-1)), grown
             nxt, nxt_counts = spare, put(np.zeros(num_devices, np.int32))
-            cur_counts = put(counts)
-            offset = 0
-            while offset < counts.max():
-                step = _make_step(mesh, enc, gens, chunk_size, slots)
-                shapes.add((cap, slots))
-                out = step(claim, cur, cur_counts, nxt, nxt_counts, jnp.int32(offset))
-                if int(np.asarray(out[3]).max()):                                  # a bucket overflowed: redo
-                    slots = min(num_x * chunk_size, 2 * slots)
-                    continue
-                claim, nxt, nxt_counts = out[:3]
-                offset += chunk_size
+            cur_counts = counts.copy()
+            for r in range(rounds):
+                offset = r * chunk_size
+                front = take(cur, jnp.int32(offset))
+                left = put(np.clip(cur_counts - offset, 0, chunk_size).astype(np.int32))
+                while True:
+                    shapes.add(("step", slots))
+                    out = _make_step(mesh, enc, gens, slots)(claim, front, left)
+                    if not int(np.asarray(out[3]).max()):
+                        break
+                    slots = min(num_x * chunk_size, 2 * slots)                     # a bucket overflowed: redo
+                claim, block, found = out[:3]
+                shapes.update([("take", cap), ("append", cap, block.shape[0])])
+                nxt = append(nxt, block, nxt_counts)
+                nxt_counts = nxt_counts + found
             counts_last, counts = counts, np.asarray(nxt_counts).astype(np.int32)
             new = int(counts.sum())
             if new == 0:
@@ -170,4 +193,4 @@ def sharded_growth(graph: GraphDef, mesh: Mesh | None = None, *, max_layers: int
             host = np.asarray(cur).reshape(num_devices, cap)
             keys = np.sort(np.concatenate([host[d, :counts[d]] for d in range(num_devices)]))
             layers[len(sizes) - 1] = enc.decode(keys[None])
-    return GrowthResult(graph.name, sizes, layers, time.perf_counter() - start, len(shapes), truncated, enc)
+    return GrowthResult(graph.name, sizes, layers, time.perf_counter() - start, len(shapes), truncated, enc, "mesh")

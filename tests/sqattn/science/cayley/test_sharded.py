@@ -13,14 +13,16 @@ def mesh_of(num_devices: int) -> Mesh:
     return Mesh(np.array(jax.devices()[:num_devices]), ("states",))
 
 
-@pytest.mark.parametrize("graph", [lrx(7), lx(6)], ids=lambda g: g.name)
+@pytest.mark.parametrize("graph", [lrx(6), lx(6)], ids=lambda g: g.name)
 def test_eight_devices_equal_one(graph):
     assert len(jax.devices()) >= 8, "tests/conftest.py sets 8 simulated CPU devices"
-    # chunk 256: big layers take several rounds per device, and the first rounds overflow the send buckets.
-    eight = sharded_growth(graph, mesh_of(8), chunk_size=256)
-    one = sharded_growth(graph, mesh_of(1), chunk_size=256)
-    assert eight.layer_sizes == one.layer_sizes == growth(graph).layer_sizes == growth_reference(graph)
-    np.testing.assert_array_equal(eight.layers[eight.diameter], growth(graph).layers[eight.diameter])
+    # chunk 16: big layers take several rounds per device (8 on one device), and send buckets overflow and grow.
+    eight = sharded_growth(graph, mesh_of(8), chunk_size=16)
+    single = growth(graph)
+    assert eight.layer_sizes == single.layer_sizes == growth_reference(graph)
+    np.testing.assert_array_equal(eight.layers[eight.diameter], single.layers[eight.diameter])
+    if graph.inverse_closed:
+        assert sharded_growth(graph, mesh_of(1), chunk_size=16).layer_sizes == eight.layer_sizes
 
 
 def test_sharded_rejects_what_it_cannot_run():
