@@ -150,6 +150,7 @@ def latency(workdir: str, *, noise: float, batch_sizes: Sequence[int], repeats: 
     """Per-stage timings of the three processing paths at every batch size, the link totals and alpha."""
     import jax
     import numpy as np
+    import threadpoolctl
     from flax import nnx
     from sqattn.science.bearing import dataset, features as features_lib, forest, task, twin
 
@@ -195,6 +196,10 @@ def latency(workdir: str, *, noise: float, batch_sizes: Sequence[int], repeats: 
     reps = int(np.ceil(top / len(win)))
     win, shaft_all = np.tile(win, (reps, 1))[:top], np.tile(shaft_all, reps)[:top]
 
+    # scikit-learn runs single-threaded (n_jobs=1 and one OpenMP/BLAS thread): its idle OpenMP workers otherwise
+    # spin on the second core after each call and slow whatever is timed next (measured: the JAX forest's batch-1
+    # p50 went from ~0.2 ms to ~4.6 ms when it followed a scikit-learn call on this 2-core machine).
+    limit = threadpoolctl.threadpool_limits(limits=1)
     per_batch = {}
     for b in batch_sizes:
         w, s = jax.device_put(win[:b]), jax.device_put(shaft_all[:b])
@@ -240,6 +245,7 @@ def latency(workdir: str, *, noise: float, batch_sizes: Sequence[int], repeats: 
                                     classify=clf, max_windows=n_stream)
         stream[name] = {"stages": stages, "twin": {"fault": state.fault, "windows": state.windows,
                                                     "counts": list(state.counts)}}
+    limit.unregister()
     return {"batches": per_batch, "alpha": alpha, "links": links, "stream": stream,
             "forest": {"trees": cf.num_trees, "max_nodes": int(cf.feature.shape[1]), "depth": cf.depth},
             "budget_ms": 0.8}
@@ -251,6 +257,19 @@ def accuracy_table(rows: Sequence[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['noise']} | {r['split']} | {r['features']} | {r['classifier']} | "
                      f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} |")
+    return "\n".join(lines)
+
+
+def accuracy_pivot(rows: Sequence[dict]) -> str:
+    """One line per (sigma_n, split); a column per (classifier, feature count): "accuracy / macro-F1"."""
+    cols = sorted({(r["classifier"], r["features"]) for r in rows}, key=lambda c: (c[0] != "rf", c[1]))
+    cells = {(r["noise"], r["split"], r["classifier"], r["features"]): r for r in rows}
+    lines = ["| sigma_n | split | " + " | ".join(f"{c.upper()} {n} feats" for c, n in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for noise, split in dict.fromkeys((r["noise"], r["split"]) for r in rows):
+        vals = [cells.get((noise, split, c, n)) for c, n in cols]
+        lines.append(f"| {noise} | {split} | " + " | ".join(
+            f"{v['accuracy']:.3f} / {v['macro_f1']:.3f}" if v else "-" for v in vals) + " |")
     return "\n".join(lines)
 
 
@@ -351,7 +370,7 @@ def main(argv: Sequence[str]) -> None:
               batch_sizes=[int(b) for b in FLAGS.batch_sizes], repeats=FLAGS.repeats,
               latency_noise=FLAGS.latency_noise, stream_windows=FLAGS.stream_windows, seed=FLAGS.seed,
               progress=FLAGS.progress)
-    print(accuracy_table(out["accuracy"]))
+    print(accuracy_pivot(out["accuracy"]))
     if out["latency"]:
         print("\nlatency p50 / p99 (ms per call)\n" + latency_table(out["latency"]))
         print("\nend-to-end (ms, p50 / p99)\n" + link_table(out["latency"]))

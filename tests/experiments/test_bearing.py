@@ -33,4 +33,5 @@ def test_tiny_run_writes_every_table(tmp_path):
     assert six_g["total"] == pytest.approx(six_g["proc"] + 0.3 + 0.00066, abs=1e-4)
     assert lat["stream"]["jax_rf"]["twin"]["windows"] == 3
     assert "| 0.05 | record | 18 | rf |" in bearing.accuracy_table(rows)
+    assert f"| 0.05 | record | {rows[0]['accuracy']:.3f} / " in bearing.accuracy_pivot(rows)
     assert bearing.latency_table(lat).count("\n") == 3 and "6G" in bearing.link_table(lat)
