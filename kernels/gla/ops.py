@@ -168,6 +168,8 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
     def unsupported(platform):
         if platform == "gpu" and chunk_size % 16:
             return f"chunk_size={chunk_size} is not a multiple of 16 (Triton tl.dot tiles)"
+        if platform == "tpu" and chunk_size % 8 and chunk_size < length:
+            return f"chunk_size={chunk_size} is not a multiple of 8 (TPU sublanes)"
         bs = block_sizes or pallas.BlockSizes.get_default(v_dim, platform)
         return pallas.footprint(platform, length, k_dim, v_dim, q.dtype, chunk_size, bs).reason()
 

@@ -26,9 +26,12 @@ Forward only: ``ops.py`` wraps this in ``jax.custom_vjp`` and takes the backward
 
 Status: exercised on CPU through the Pallas interpreter (``interpret=True``) and lowered for Triton (GPU,
 parameters passed explicitly) and Mosaic (TPU, ``vmem_limit_bytes`` from ``footprint``) in the tests; not
-compiled or run on an accelerator here. On TPU each block holds a whole ``[T, K]`` sequence in VMEM
-(double-buffered), which bounds ``T``: ``footprint`` computes it, and ``ops.gla(impl="auto")`` falls back to
-the chunked path where it does not fit (at ``sse_h_2b`` shapes, T = 4096 and K = V = 256, it does: ~45 MiB).
+compiled or run on an accelerator here.
+
+Two block-spec variants share the chunk math (``_gla_chunk``): on GPU (Triton) a program walks all chunks of its
+row in a ``fori_loop`` over whole-sequence refs (pointers, nothing staged); on TPU (Mosaic) the chunk is a
+sequential ("arbitrary") fourth grid axis, every block is one chunk, and the state lives in VMEM scratch, so
+VMEM holds one chunk whatever ``T`` (``footprint``; ~1.6 MiB at ``sse_h_2b``'s K = V = 256, chunk 64).
 """
 
 from __future__ import annotations
@@ -68,19 +71,17 @@ class BlockSizes:
         return cls(block_v=block_v)
 
 
-def _gla_fwd_kernel(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref,  # inputs
-                    o_ref, ht_ref,  # outputs
-                    *, scale: float, chunk: int, sub: int, num_chunks: int, mm_dtype):
-    """One program: all chunks of one (batch, head) for one block of value columns.
+def _gla_chunk(q_ref, k_ref, v_ref, cum_ref, doc_ref, o_ref, state, carry, doc_prev, base, *, scale: float,
+               chunk: int, sub: int, mm_dtype):
+    """One chunk starting at row ``base`` of the refs: writes its outputs, returns the state after it.
 
-    Refs (leading grid dims squeezed): q/k/cum ``[T_pad, K_pad]``, v/o ``[T_pad, block_v]``,
-    doc ``[T_pad, 1]`` int32, carry ``[N * K_pad, 1]``, h0/ht ``[K_pad, block_v]``.
+    ``state`` ``[K, bv]`` float32 is the state before the chunk, ``carry`` ``[K, 1]`` its decay over the chunk
+    (zero where the chunk holds a document start), ``doc_prev`` ``[1, 1]`` the document of the row before it.
     """
     f32 = jnp.float32
-    k_pad = q_ref.shape[-1]
     n_sub = chunk // sub
     precision = jax.lax.Precision.HIGHEST if mm_dtype == f32 else None
-    rows = jnp.arange(sub, dtype=jnp.int32)[:, None]  # [c, 1]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (sub, 1), 0)  # [c, 1]
 
     def dot(a, b, contract):
         return jax.lax.dot_general(a.astype(mm_dtype), b.astype(mm_dtype), (contract, ((), ())),
@@ -89,61 +90,99 @@ def _gla_fwd_kernel(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref,  #
     def rows_of(r, start, size):
         return r[pl.ds(start, size), :]
 
+    last = base + chunk - 1
+    doc_last = rows_of(doc_ref, last, 1)  # [1, 1]
+    cum_last = rows_of(cum_ref, last, 1)  # [1, K]
+    update = jnp.zeros(state.shape, f32)  # [K, bv]
+    for i_sub in range(n_sub):
+        s_i = base + i_sub * sub
+        q_i = rows_of(q_ref, s_i, sub).astype(f32) * scale  # [c, K]
+        k_i = rows_of(k_ref, s_i, sub).astype(f32)  # [c, K]
+        v_i = rows_of(v_ref, s_i, sub)  # [c, bv]
+        cum_i = rows_of(cum_ref, s_i, sub)  # [c, K]
+        doc_i = rows_of(doc_ref, s_i, sub)  # [c, 1]
+
+        # Against the state at the chunk start.
+        q_in = jnp.where(doc_i == doc_prev, q_i * jnp.exp(cum_i), 0.0)  # [c, K]
+        o_i = dot(q_in, state, ((1,), (0,)))  # [c, bv]
+
+        # Against earlier sub-chunks of this chunk, referenced at r = the row before I.
+        if i_sub > 0:
+            cum_r = rows_of(cum_ref, s_i - 1, 1)  # [1, K]
+            doc_r = rows_of(doc_ref, s_i - 1, 1)  # [1, 1]
+            q_off = jnp.where(doc_i == doc_r, q_i * jnp.exp(cum_i - cum_r), 0.0)  # [c, K]
+        for j_sub in range(i_sub):
+            s_j = base + j_sub * sub
+            cum_j = rows_of(cum_ref, s_j, sub)  # [c, K]
+            doc_j = rows_of(doc_ref, s_j, sub)  # [c, 1]
+            k_off = jnp.where(doc_j == doc_r,
+                              rows_of(k_ref, s_j, sub).astype(f32) * jnp.exp(cum_r - cum_j),
+                              0.0)  # [c, K]
+            scores = dot(q_off, k_off, ((1,), (1,)))  # [c, c]
+            o_i = o_i + dot(scores, rows_of(v_ref, s_j, sub), ((1,), (0,)))  # [c, bv]
+
+        # Inside sub-chunk I: one column j at a time.
+        def column(j, acc, s_i=s_i, q_i=q_i, cum_i=cum_i, doc_i=doc_i):
+            k_j = rows_of(k_ref, s_i + j, 1).astype(f32)  # [1, K]
+            cum_j = rows_of(cum_ref, s_i + j, 1)  # [1, K]
+            doc_j = rows_of(doc_ref, s_i + j, 1)  # [1, 1]
+            v_j = rows_of(v_ref, s_i + j, 1).astype(f32)  # [1, bv]
+            w = jnp.sum(q_i * k_j * jnp.exp(jnp.minimum(cum_i - cum_j, 0.0)), axis=1,
+                        keepdims=True)  # [c, 1]
+            w = jnp.where((rows >= j) & (doc_i == doc_j), w, 0.0)
+            return acc + w * v_j  # [c, bv]
+
+        o_i = jax.lax.fori_loop(0, sub, column, o_i)
+        o_ref[pl.ds(s_i, sub), :] = o_i.astype(o_ref.dtype)
+
+        k_up = jnp.where(doc_i == doc_last, k_i * jnp.exp(cum_last - cum_i), 0.0)  # [c, K]
+        update = update + dot(k_up, v_i, ((0,), (0,)))  # [K, bv]
+    return carry * state + update
+
+
+def _gla_fwd_kernel(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref,  # inputs
+                    o_ref, ht_ref,  # outputs
+                    *, scale: float, chunk: int, sub: int, num_chunks: int, mm_dtype):
+    """GPU (Triton): one program walks all chunks of one (batch, head) for one block of value columns.
+
+    Refs (leading grid dims squeezed): q/k/cum ``[T_pad, K_pad]``, v/o ``[T_pad, block_v]``,
+    doc ``[T_pad, 1]`` int32, carry ``[N * K_pad, 1]``, h0/ht ``[K_pad, block_v]``.
+    """
+    k_pad = q_ref.shape[-1]
+
     def chunk_body(ci, state):
         base = pl.multiple_of(ci * chunk, chunk)
-        last = base + chunk - 1
-        doc_prev = rows_of(doc_ref, jnp.maximum(base - 1, 0), 1)  # [1, 1] (doc of pos -1 is 0)
-        doc_last = rows_of(doc_ref, last, 1)  # [1, 1]
-        cum_last = rows_of(cum_ref, last, 1)  # [1, K]
-        update = jnp.zeros(state.shape, f32)  # [K, bv]
-        for i_sub in range(n_sub):
-            s_i = base + i_sub * sub
-            q_i = rows_of(q_ref, s_i, sub).astype(f32) * scale  # [c, K]
-            k_i = rows_of(k_ref, s_i, sub).astype(f32)  # [c, K]
-            v_i = rows_of(v_ref, s_i, sub)  # [c, bv]
-            cum_i = rows_of(cum_ref, s_i, sub)  # [c, K]
-            doc_i = rows_of(doc_ref, s_i, sub)  # [c, 1]
-
-            # Against the state at the chunk start.
-            q_in = jnp.where(doc_i == doc_prev, q_i * jnp.exp(cum_i), 0.0)  # [c, K]
-            o_i = dot(q_in, state, ((1,), (0,)))  # [c, bv]
-
-            # Against earlier sub-chunks of this chunk, referenced at r = the row before I.
-            if i_sub > 0:
-                cum_r = rows_of(cum_ref, s_i - 1, 1)  # [1, K]
-                doc_r = rows_of(doc_ref, s_i - 1, 1)  # [1, 1]
-                q_off = jnp.where(doc_i == doc_r, q_i * jnp.exp(cum_i - cum_r), 0.0)  # [c, K]
-            for j_sub in range(i_sub):
-                s_j = base + j_sub * sub
-                cum_j = rows_of(cum_ref, s_j, sub)  # [c, K]
-                doc_j = rows_of(doc_ref, s_j, sub)  # [c, 1]
-                k_off = jnp.where(doc_j == doc_r,
-                                  rows_of(k_ref, s_j, sub).astype(f32) * jnp.exp(cum_r - cum_j),
-                                  0.0)  # [c, K]
-                scores = dot(q_off, k_off, ((1,), (1,)))  # [c, c]
-                o_i = o_i + dot(scores, rows_of(v_ref, s_j, sub), ((1,), (0,)))  # [c, bv]
-
-            # Inside sub-chunk I: one column j at a time.
-            def column(j, acc):
-                k_j = rows_of(k_ref, s_i + j, 1).astype(f32)  # [1, K]
-                cum_j = rows_of(cum_ref, s_i + j, 1)  # [1, K]
-                doc_j = rows_of(doc_ref, s_i + j, 1)  # [1, 1]
-                v_j = rows_of(v_ref, s_i + j, 1).astype(f32)  # [1, bv]
-                w = jnp.sum(q_i * k_j * jnp.exp(jnp.minimum(cum_i - cum_j, 0.0)), axis=1,
-                            keepdims=True)  # [c, 1]
-                w = jnp.where((rows >= j) & (doc_i == doc_j), w, 0.0)
-                return acc + w * v_j  # [c, bv]
-
-            o_i = jax.lax.fori_loop(0, sub, column, o_i)
-            o_ref[pl.ds(s_i, sub), :] = o_i.astype(o_ref.dtype)
-
-            k_up = jnp.where(doc_i == doc_last, k_i * jnp.exp(cum_last - cum_i), 0.0)  # [c, K]
-            update = update + dot(k_up, v_i, ((0,), (0,)))  # [K, bv]
-
+        doc_prev = doc_ref[pl.ds(jnp.maximum(base - 1, 0), 1), :]  # [1, 1] (doc of pos -1 is 0)
         carry = carry_ref[pl.ds(pl.multiple_of(ci * k_pad, k_pad), k_pad), :]  # [K, 1]
-        return carry * state + update
+        return _gla_chunk(q_ref, k_ref, v_ref, cum_ref, doc_ref, o_ref, state, carry, doc_prev, base,
+                          scale=scale, chunk=chunk, sub=sub, mm_dtype=mm_dtype)
 
-    ht_ref[...] = jax.lax.fori_loop(0, num_chunks, chunk_body, h0_ref[...].astype(f32))
+    ht_ref[...] = jax.lax.fori_loop(0, num_chunks, chunk_body, h0_ref[...].astype(jnp.float32))
+
+
+def _gla_tpu_kernel(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, docprev_ref, h0_ref,  # inputs
+                    o_ref, ht_ref,  # outputs
+                    state_ref,  # scratch
+                    *, scale: float, chunk: int, sub: int, mm_dtype):
+    """TPU (Mosaic): program (batch, head, value block, chunk); the chunk axis is sequential and the
+    ``[K_pad, block_v]`` state lives in VMEM scratch, so VMEM holds one chunk, not the whole sequence.
+
+    Refs: q/k/cum ``[C, K_pad]``, v/o ``[C, block_v]``, doc ``[C, 1]``, carry ``[K_pad, 1]``, docprev ``[1, 1]``,
+    h0/ht ``[K_pad, block_v]``.
+    """
+    ci = pl.program_id(3)
+
+    @pl.when(ci == 0)
+    def _init():
+        state_ref[...] = h0_ref[...]
+
+    state = _gla_chunk(q_ref, k_ref, v_ref, cum_ref, doc_ref, o_ref, state_ref[...], carry_ref[...],
+                       docprev_ref[...], 0, scale=scale, chunk=chunk, sub=sub, mm_dtype=mm_dtype)
+    state_ref[...] = state
+
+    @pl.when(ci == pl.num_programs(3) - 1)
+    def _final():
+        ht_ref[...] = state
 
 
 def footprint(platform: str, length: int, k_dim: int, v_dim: int, dtype, chunk_size: int,
@@ -155,11 +194,12 @@ def footprint(platform: str, length: int, k_dim: int, v_dim: int, dtype, chunk_s
     num_chunks = -(-length // chunk)
     t_pad, k_pad, v_pad = num_chunks * chunk, padded_dim(k_dim), padded_dim(v_dim)
     bv, f32 = min(block_sizes.block_v, v_pad), jnp.float32
-    if platform == "tpu":
+    if platform == "tpu":  # one chunk per grid step (``_gla_tpu_kernel``)
         return tiles.tpu_footprint(
             "gla_fwd",
-            [((t_pad, k_pad), dtype)] * 2 + [((t_pad, bv), dtype), ((t_pad, k_pad), f32), ((t_pad, 1), jnp.int32),
-             ((num_chunks * k_pad, 1), f32), ((k_pad, bv), f32), ((t_pad, bv), dtype), ((k_pad, bv), f32)],
+            [((chunk, k_pad), dtype)] * 2 + [((chunk, bv), dtype), ((chunk, k_pad), f32), ((chunk, 1), jnp.int32),
+             ((k_pad, 1), f32), ((1, 1), jnp.int32), ((k_pad, bv), f32), ((chunk, bv), dtype), ((k_pad, bv), f32)],
+            scratch=[((k_pad, bv), f32)],
             temporaries=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * 4 + [((sub, bv), f32)] * 2)
     return tiles.gpu_footprint(
         "gla_fwd", [((sub, k_pad), dtype)] * 2 + [((k_pad, bv), dtype), ((sub, sub), dtype), ((sub, bv), dtype)],
@@ -226,6 +266,39 @@ def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
     fp = footprint(platform, length, k_dim, v_dim, q.dtype, chunk, block_sizes)
     if not interpret:
         tiles.require_fit(fp)
+    if platform == "tpu":
+        if chunk % 8 and num_chunks > 1:
+            raise ValueError(f"gla: chunk_size={chunk} must be a multiple of 8 for the TPU kernel")
+        from jax.experimental.pallas import tpu as pltpu
+        carry_c = carry.reshape(batch, heads, num_chunks, k_pad, 1)
+        doc_prev_rows = jnp.concatenate([doc[:, :1], doc_c[:, :-1, -1]], axis=1).reshape(batch, num_chunks, 1, 1)
+        ck = pl.BlockSpec((None, None, chunk, k_pad), lambda b, h, j, c: (b, h, c, 0))
+        cv = pl.BlockSpec((None, None, chunk, block_v), lambda b, h, j, c: (b, h, c, j))
+        st = pl.BlockSpec((None, None, k_pad, block_v), lambda b, h, j, c: (b, h, 0, j))
+        o, final_state = pl.pallas_call(
+            functools.partial(_gla_tpu_kernel, scale=float(scale), chunk=chunk, sub=sub, mm_dtype=mm_dtype),
+            grid=(batch, heads, v_pad // block_v, num_chunks),
+            in_specs=[
+                ck, ck, cv, ck,
+                pl.BlockSpec((None, chunk, 1), lambda b, h, j, c: (b, c, 0)),  # doc
+                pl.BlockSpec((None, None, None, k_pad, 1), lambda b, h, j, c: (b, h, c, 0, 0)),  # carry
+                pl.BlockSpec((None, None, 1, 1), lambda b, h, j, c: (b, c, 0, 0)),  # doc before the chunk
+                st,
+            ],
+            out_specs=[cv, st],
+            out_shape=[
+                jax.ShapeDtypeStruct((batch, heads, t_pad, v_pad), q.dtype),
+                jax.ShapeDtypeStruct((batch, heads, k_pad, v_pad), jnp.float32),
+            ],
+            scratch_shapes=[pltpu.VMEM((k_pad, block_v), jnp.float32)],
+            interpret=interpret,
+            compiler_params=tiles.compiler_params(platform, interpret, footprint=fp,
+                                                  dimension_semantics=("parallel",) * 3 + ("arbitrary",)),
+            name="gla_fwd",
+        )(q_t, k_t, v_t, cum_t, doc[:, :, None], carry_c, doc_prev_rows, h0)
+        o = jnp.transpose(o, (0, 2, 1, 3))[:, :length, :, :v_dim]  # [B, T, H, V]
+        return o, final_state[:, :, :k_dim, :v_dim]
+
     kernel = functools.partial(_gla_fwd_kernel, scale=float(scale), chunk=chunk, sub=sub,
                                num_chunks=num_chunks, mm_dtype=mm_dtype)
     seq_k = pl.BlockSpec((None, None, t_pad, k_pad), lambda b, h, j: (b, h, 0, 0))
