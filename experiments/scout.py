@@ -12,7 +12,9 @@
     the W=16 window. 2 SCOUT layers ([SWA(16)+MLP, X+MLP] x 2, d 64, 2 heads, SwiGLU 256, RoPE, f32), X =
     SWA (``swa_only``), checkpoint attention with segment length L (``scout_L<L>``) or full attention for
     both sub-blocks (``full``); AdamW 3e-3 with warmup + cosine, batch 16. Chance = 1/16. Expected: SWA-only
-    stays at chance, SCOUT with small L recovers the values, accuracy drops for large L.
+    stays at chance, SCOUT with small L recovers the values, accuracy drops for large L. Each probe is a run
+    of the one trainer (config ``scout_recall:model=<name>,seed=<s>,steps=<n>`` on the "recall" data source)
+    in ``<workdir>/recall_runs/``, so it checkpoints and resumes like any run.
 (c) ``memory``: decode-cache K/V entries per SCOUT layer (two blocks) vs T, read from the shapes of
     ``LM.init_cache`` (``jax.eval_shape``, nothing allocated): full attention 2T (T per attention block),
     SWA-only 2W, SCOUT-SWA W + T//L, SCOUT-Mamba T//L (+ the constant Mamba state), Mamba-only 0; and the
@@ -42,7 +44,9 @@ Measured (2026-11-29, 2 CPU cores shared with other jobs, load average 2-9; seed
     2.242). Not the note's expectation (SCOUT <= SWA, close to full): at this budget every model is far from
     converged (~2 bits/byte) and full attention itself is worse than SWA, i.e. context beyond W is not yet
     used by any model; the comparison needs (much) longer training (not run).
-(b) ``--parts=recall --recall_steps=2000`` (35 min; 7-12 min per model), held-out accuracy on 640 queries:
+(b) ``--parts=recall --recall_steps=2000`` (35 min; 7-12 min per model), held-out accuracy on 640 queries
+    (measured with the probe's former private loop and jax.random data, before it became a trainer config
+    with the numpy "recall" source; not re-measured since):
     SWA-only 0.058 (chance 0.0625), SCOUT L=4 0.577, SCOUT L=16 0.572, full attention 0.587. As in the note:
     SWA-only stays at chance, SCOUT recovers full attention's accuracy; unlike the note, L=16 did not drop
     (its first checkpoint, row 15, sees all 4 pairs through the W=16 window; single seed).
@@ -68,12 +72,8 @@ LM_LABELS = {"full": "full attention (AA)", "swa_only": "SWA-only (AA, W)", "mam
 RECALL_MODELS = ("swa_only", "scout_L4", "scout_L16", "full")
 MEMORY_LENGTHS = (256, 1024, 4096, 16384, 65536)
 
-# Associative-recall probe (scout.md): token ids.
-NUM_PAIRS, NUM_KEYS, NUM_VALUES, NUM_NOISE = 4, 16, 16, 48
-BOS, KEY0, VALUE0, NOISE0, NOISE_VOCAB = 0, 1, 1 + NUM_KEYS, 1 + NUM_KEYS + NUM_VALUES, 16
-RECALL_VOCAB = NOISE0 + NOISE_VOCAB
-RECALL_LEN = 1 + 2 * NUM_PAIRS + NUM_NOISE + 2 * NUM_PAIRS - 1  # 64 inputs (the last value is only a target)
-RECALL_WINDOW = 16
+# Associative-recall probe (scout.md): queries per sequence and value vocabulary, from the "recall" data source's defaults.
+NUM_PAIRS, NUM_VALUES = 4, 16
 
 log = logging.getLogger("sqattn.scout")
 
@@ -189,103 +189,35 @@ def lm_one(model: str, workdir: str, *, steps: int, seq_len: int = 0, runlocal: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def recall_batch(key, batch: int):
-    """One batch of the probe: ``(inputs [b, 64], targets [b, 64], weights [b, 64])``, int32/float32.
-
-    Layout: BOS, k1 v1 .. k4 v4, 48 noise tokens, then the 4 keys in a random order each followed by its
-    value. Weight 1 exactly at the 4 query keys (the target there is the key's value).
-    """
-    import jax
-    import jax.numpy as jnp
-    k_keys, k_vals, k_noise, k_order = jax.random.split(key, 4)
-    keys = jnp.argsort(jax.random.uniform(k_keys, (batch, NUM_KEYS)), axis=1)[:, :NUM_PAIRS] + KEY0  # distinct
-    vals = jax.random.randint(k_vals, (batch, NUM_PAIRS), 0, NUM_VALUES) + VALUE0  # [b, P]
-    noise = jax.random.randint(k_noise, (batch, NUM_NOISE), 0, NOISE_VOCAB) + NOISE0  # [b, 48]
-    order = jnp.argsort(jax.random.uniform(k_order, (batch, NUM_PAIRS)), axis=1)  # [b, P]
-    q_keys = jnp.take_along_axis(keys, order, axis=1)
-    q_vals = jnp.take_along_axis(vals, order, axis=1)
-    pairs = jnp.stack([keys, vals], axis=2).reshape(batch, 2 * NUM_PAIRS)  # [b, 2P]  k v k v ...
-    queries = jnp.stack([q_keys, q_vals], axis=2).reshape(batch, 2 * NUM_PAIRS)  # [b, 2P]
-    seq = jnp.concatenate([jnp.full((batch, 1), BOS), pairs, noise, queries], axis=1)  # [b, 65]
-    inputs, targets = seq[:, :-1], seq[:, 1:]  # [b, 64]
-    is_query = jnp.zeros((RECALL_LEN,), bool).at[RECALL_LEN - 2 * NUM_PAIRS + 1::2].set(True)
-    weights = jnp.broadcast_to(is_query, inputs.shape).astype(jnp.float32)  # [b, 64]
-    return inputs.astype(jnp.int32), targets.astype(jnp.int32), weights
-
-
-def recall_model(name: str, seed: int):
-    """2 SCOUT layers ([SWA(16)+MLP, X+MLP] x 2) at d 64, 2 heads; X from ``name``."""
-    from flax import nnx
-
-    from sqattn.models.lm import LM
-    if name == "swa_only":
-        pattern, window, seg_len = "AA", RECALL_WINDOW, 1
-    elif name == "full":
-        pattern, window, seg_len = "AA", 0, 1
-    elif name.startswith("scout_L") and name[7:].isdigit():
-        pattern, window, seg_len = "AC", RECALL_WINDOW, int(name[7:])
-    else:
-        raise ValueError(f"unknown recall model {name!r}; expected swa_only, full or scout_L<L>")
-    return LM(vocab_size=RECALL_VOCAB, d_model=64, num_layers=4, block_pattern=pattern, mlp_dim=256,
-              dtype="float32",
-              mixers={"attention": dict(num_heads=2, window=window),
-                      "scout": dict(num_heads=2, segment_len=seg_len)},
-              rngs=nnx.Rngs(params=seed))
+def recall_config(name: str, seed: int, *, steps: int, lr: float = 3e-3, batch: int = 16,
+                  eval_sequences: int = 160):
+    """The trainer config of one probe run (``sqattn/configs/scout_recall.py``, the "recall" data source)."""
+    from sqattn import configs
+    cfg = configs.get(f"scout_recall:model={name},seed={seed},steps={steps}")
+    cfg.optim.lr = lr
+    cfg.batch_size = batch
+    cfg.eval_batches = max(1, eval_sequences // batch)
+    return cfg
 
 
 def recall_one(name: str, seed: int, *, steps: int, lr: float = 3e-3, batch: int = 16,
-               eval_sequences: int = 160, progress: bool = True) -> dict[str, Any]:
-    """Trains one probe model and returns its held-out query accuracy (``4 * eval_sequences`` queries)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-    model = recall_model(name, seed)
-    warmup = max(min(100, steps // 10), 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    def loss_fn(m, inputs, targets, weights):
-        logits, _ = m(inputs)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-        w = jnp.sum(weights)
-        return jnp.sum(nll * weights) / w, jnp.sum(correct * weights) / w
-
-    @nnx.jit
-    def train_step(m, opt, key):
-        inputs, targets, weights = recall_batch(key, batch)
-        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m, inputs, targets, weights)
-        opt.update(m, grads)
-        return loss, acc
-
-    @nnx.jit
-    def evaluate(m, key):
-        return loss_fn(m, *recall_batch(key, eval_sequences))
-
-    train_key = jax.random.fold_in(jax.random.key(seed), 0)
-    eval_key = jax.random.fold_in(jax.random.key(seed), 1)  # held out: never a training key
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc=f"recall {name} seed {seed}", unit="step", leave=False,
-                   dynamic_ncols=True)
+               eval_sequences: int = 160, workdir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Trains one probe model with the trainer (in ``<workdir>/recall_runs/<name>_s<seed>_steps<steps>``;
+    a killed run resumes) and returns its held-out query accuracy (``4 * eval_sequences`` queries)."""
+    import tempfile
+    from sqattn.train import train_and_evaluate
+    cfg = recall_config(name, seed, steps=steps, lr=lr, batch=batch, eval_sequences=eval_sequences)
+    run_dir = (os.path.join(workdir, "recall_runs", f"{name}_s{seed}_steps{steps}_lr{lr:g}_b{batch}")
+               if workdir else tempfile.mkdtemp(prefix="scout_recall_"))
     t0 = time.perf_counter()
-    loss = acc = float("nan")
-    for step in range(steps):
-        loss, acc = train_step(model, opt, jax.random.fold_in(train_key, step))
-        if bar is not None:
-            bar.update(1)
-            if step % 50 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.2f}")
-    if bar is not None:
-        bar.close()
-    eval_loss, eval_acc = evaluate(model, eval_key)
-    return dict(model=name, seed=seed, steps=steps, lr=lr, train_loss=float(loss), train_acc=float(acc),
-                eval_loss=float(eval_loss), accuracy=float(eval_acc), eval_queries=NUM_PAIRS * eval_sequences,
-                wall_s=time.perf_counter() - t0)
+    out = train_and_evaluate(cfg, run_dir, progress=progress)
+    if out.get("stopped_early"):
+        raise RuntimeError(f"recall run {run_dir} stopped at step {out['step']}; rerun to resume it")
+    return dict(model=name, seed=seed, steps=steps, lr=lr, train_loss=float(out["ce"]),
+                train_acc=float(out["accuracy"]), eval_loss=float(out["eval_loss"]),
+                accuracy=float(out["eval_accuracy"]),
+                eval_queries=NUM_PAIRS * batch * cfg.eval_batches, wall_s=time.perf_counter() - t0,
+                run_dir=run_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,7 +386,8 @@ def run(workdir: str, *, parts: Sequence[str] = ("lm", "recall", "memory"),
     if "recall" in parts:
         for name in recall_models:
             for seed in seeds:
-                rec = recall_one(name, int(seed), steps=recall_steps, lr=recall_lr, progress=progress)
+                rec = recall_one(name, int(seed), steps=recall_steps, lr=recall_lr, workdir=workdir,
+                                 progress=progress)
                 results["recall"].append(rec)
                 log.warning("recall %s seed %d: accuracy %.3f (%.0f s)", name, seed, rec["accuracy"],
                             rec["wall_s"])

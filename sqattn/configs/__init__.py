@@ -31,6 +31,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "scout_mamba_tiny": ("scout", "mixer=mamba,size=tiny"),
     "scout_swa_400m": ("scout", "mixer=swa,size=400m"),
     "scout_mamba_400m": ("scout", "mixer=mamba,size=400m"),
+    "scout_recall": ("scout_recall", "model=scout_L16"),
     "fcn_synth": ("ctr", "arch=fcn"),
     "ecn_synth": ("ctr", "arch=ecn"),
     "dcnv1_synth": ("ctr", "arch=dcnv1"),

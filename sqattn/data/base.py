@@ -38,6 +38,7 @@ _REGISTRY = {
     "mqar": ("synthetic", "mqar_"),
     "copy": ("synthetic", "copy_"),
     "selective_copy": ("synthetic", "selective_copy_"),
+    "recall": ("synthetic", "recall_"),
 }
 
 # Global row counts are bounded by this for unbounded (train / synthetic) splits; far beyond any run.

@@ -210,3 +210,63 @@ def selective_copy_build_rows(cfg: config_dict.ConfigDict, *, split: str,
         return base.lm_row(tokens, weights)
 
     return base.Rows(base.rows_by_step(row, global_batch), cfg.num_symbols + 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Recall (the SCOUT paper's associative-recall probe)
+# --------------------------------------------------------------------------------------------
+
+
+def recall_default_config() -> config_dict.ConfigDict:
+    """Data sub-config of the "recall" source: the SCOUT reproduction's associative-recall probe.
+
+    Row layout (``seq_len + 1`` tokens)::
+
+        BOS k_1 v_1 .. k_P v_P | num_noise noise tokens | the P keys in random order, each followed by its value
+
+    Keys are distinct draws from ``num_keys``, values uniform over ``num_values``, noise uniform over
+    ``noise_vocab``. Weight 1 exactly at the query keys (whose target is the bound value). Token ids: 0 = BOS,
+    keys ``[1, 1 + K)``, values ``[1 + K, 1 + K + V)``, noise after them.
+    """
+    cfg = config_dict.ConfigDict()
+    cfg.name = "recall"
+    cfg.seq_len = 64              # must equal 4 * num_pairs + num_noise
+    cfg.seed = 0
+    cfg.num_pairs = 4
+    cfg.num_keys = 16
+    cfg.num_values = 16
+    cfg.num_noise = 48
+    cfg.noise_vocab = 16
+    return cfg
+
+
+def recall_vocab_size(cfg: config_dict.ConfigDict) -> int:
+    return 1 + cfg.num_keys + cfg.num_values + cfg.noise_vocab
+
+
+def recall_build_rows(cfg: config_dict.ConfigDict, *, split: str, global_batch: int) -> base.Rows:
+    p = cfg.num_pairs
+    if cfg.seq_len != 4 * p + cfg.num_noise:
+        raise ValueError(f"recall: seq_len must be 4 * num_pairs + num_noise = {4 * p + cfg.num_noise}, "
+                         f"got {cfg.seq_len}")
+    if not 1 <= p <= cfg.num_keys or cfg.num_values < 1 or cfg.noise_vocab < 1 or cfg.num_noise < 0:
+        raise ValueError(f"recall: need 1 <= num_pairs <= num_keys and positive vocabularies, got "
+                         f"num_pairs={p}, num_keys={cfg.num_keys}, num_values={cfg.num_values}, "
+                         f"noise_vocab={cfg.noise_vocab}, num_noise={cfg.num_noise}")
+    key0, value0 = 1, 1 + cfg.num_keys
+    noise0 = value0 + cfg.num_values
+    weights = np.zeros((cfg.seq_len,), np.float32)
+    weights[cfg.seq_len - 2 * p + 1::2] = 1.0                     # inputs at the query keys
+
+    def row(step: int, r: int) -> base.Row:
+        rng = base.row_rng(cfg.seed, split, step, r)
+        keys = rng.permutation(cfg.num_keys)[:p] + key0                            # [P] distinct
+        vals = rng.integers(0, cfg.num_values, p) + value0                          # [P]
+        noise = rng.integers(0, cfg.noise_vocab, cfg.num_noise) + noise0            # [noise]
+        order = rng.permutation(p)                                                  # [P]
+        pairs = np.stack([keys, vals], axis=1).reshape(-1)                          # k v k v ...
+        queries = np.stack([keys[order], vals[order]], axis=1).reshape(-1)
+        seq = np.concatenate([[0], pairs, noise, queries])                          # [seq_len + 1]
+        return base.lm_row(seq, weights)
+
+    return base.Rows(base.rows_by_step(row, global_batch), recall_vocab_size(cfg))

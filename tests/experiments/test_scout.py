@@ -42,22 +42,39 @@ def test_run_end_to_end(tmp_path, monkeypatch):
     assert again["lm"] == saved["lm"]
 
 
-def test_recall_batch_layout():
-    inputs, targets, weights = jax.jit(scout.recall_batch, static_argnums=1)(jax.random.key(0), 32)
-    inputs, targets, weights = (np.asarray(x) for x in (inputs, targets, weights))
-    assert inputs.shape == targets.shape == weights.shape == (32, scout.RECALL_LEN) == (32, 64)
+def test_recall_source_layout():
+    """The "recall" data source (what the probe trains on): every query's target is its key's value, stated
+    once at the start and beyond the sliding window."""
+    from sqattn import data
+    from sqattn.configs import scout_recall
+    cfg = data.default_config("recall")
+    ds = data.make_dataset(cfg, batch_size=32, split="train")
+    b = ds.batch(0)
+    inputs, targets, weights = b["inputs"], b["targets"], b["weights"]
+    assert inputs.shape == targets.shape == weights.shape == (32, 64)
     np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
     q_pos = np.flatnonzero(weights[0])
-    assert len(q_pos) == scout.NUM_PAIRS and (weights.sum(1) == scout.NUM_PAIRS).all()
+    assert len(q_pos) == cfg.num_pairs and (weights.sum(1) == cfg.num_pairs).all()
     for row in range(32):
-        keys = inputs[row, 1:1 + 2 * scout.NUM_PAIRS:2]
-        vals = inputs[row, 2:2 + 2 * scout.NUM_PAIRS:2]
-        assert len(set(keys.tolist())) == scout.NUM_PAIRS
+        keys = inputs[row, 1:1 + 2 * cfg.num_pairs:2]
+        vals = inputs[row, 2:2 + 2 * cfg.num_pairs:2]
+        assert len(set(keys.tolist())) == cfg.num_pairs and (keys >= 1).all() and (keys <= cfg.num_keys).all()
         for p in q_pos:
             (i,) = np.flatnonzero(keys == inputs[row, p])  # the queried key was stated once ...
             assert targets[row, p] == vals[i]              # ... and its value is the target
-            assert p - (1 + 2 * i) > scout.RECALL_WINDOW   # beyond the sliding window
-    assert targets.max() < scout.RECALL_VOCAB
+            assert p - (1 + 2 * i) > scout_recall.WINDOW   # beyond the sliding window
+    assert targets.max() < ds.vocab_size == 49
+    evals = data.make_dataset(cfg, batch_size=32, split="eval").batch(0)["inputs"]
+    assert not np.array_equal(evals, inputs)                # held out: another stream
+    with pytest.raises(ValueError, match="seq_len"):
+        data.make_dataset(_with(cfg, seq_len=63), batch_size=8, split="train")
+
+
+def _with(cfg, **kw):
+    out = cfg.copy_and_resolve_references()
+    for k, v in kw.items():
+        out[k] = v
+    return out
 
 
 @pytest.mark.parametrize("mixer,size,params", [("swa", "400m", 470e6), ("mamba", "400m", 430e6),
