@@ -7,7 +7,7 @@ Usage::
     batch = ds.batch(step)                   # {"inputs", "targets", "weights"}, pure in step
 
 Sources: "text" (local text as bytes), "tfds" (prepared TFDS text dataset as bytes), "mqar",
-"copy", "selective_copy" (synthetic tasks). The checkpointable data position is the step number.
+"copy", "selective_copy", "recall" (synthetic tasks). The checkpointable data position is the step number.
 """
 
 from sqattn.data.base import SPLITS
