@@ -25,9 +25,8 @@ cost of an ``N``-times output buffer; q/k/v/g are never replicated.
 
 Forward only: ``ops.py`` wraps it in ``jax.custom_vjp`` with the backward of ``ref.sse_masked``.
 Status: run on CPU through the Pallas interpreter; the tests also lower it for Triton (GPU) and
-Mosaic (TPU, ``vmem_limit_bytes`` from ``footprint``) without running it there. On TPU a program holds whole
-``[T, K]`` sequences in VMEM; ``footprint`` bounds that and ``ops.sse(impl="auto")`` falls back to the
-chunked path where it does not fit.
+Mosaic (TPU, ``vmem_limit_bytes`` from ``footprint``) without running it there. On TPU the chunk is a sequential
+fifth grid axis with the state in VMEM scratch, so VMEM holds one chunk whatever ``T``.
 """
 
 from __future__ import annotations
@@ -73,16 +72,16 @@ def footprint(platform: str, length: int, k_dim: int, v_dim: int, n: int, dtype,
     per-sub-chunk dot tiles, the sub-chunks kept for the state update and the carried state."""
     chunk = int(chunk_size)
     sub = block_sizes.sub_chunk if chunk % block_sizes.sub_chunk == 0 else chunk
-    num_chunks = -(-length // chunk)
-    t_pad, k_pad = num_chunks * chunk, gla_pallas.padded_dim(k_dim)
-    v_pad = gla_pallas.padded_dim(v_dim)
+    del length  # one chunk per program step on TPU; GPU tiles are per sub-chunk
+    k_pad, v_pad = gla_pallas.padded_dim(k_dim), gla_pallas.padded_dim(v_dim)
     bv, f32, n_sub = min(block_sizes.block_v, v_pad), jnp.float32, chunk // sub
-    if platform == "tpu":
+    if platform == "tpu":  # one chunk per grid step
         return tiles.tpu_footprint(
             "sse_fwd",
-            [((t_pad, k_pad), dtype)] * 2 + [((t_pad, bv), dtype), ((t_pad, k_pad), f32), ((t_pad, 1), f32),
-             ((t_pad, 1), jnp.int32), ((num_chunks * k_pad, 1), f32), ((k_pad, bv), f32), ((t_pad, bv), f32),
-             ((k_pad, bv), f32)],
+            [((chunk, k_pad), dtype)] * 2 + [((chunk, bv), dtype), ((chunk, k_pad), f32), ((chunk, 1), f32),
+             ((chunk, 1), jnp.int32), ((k_pad, 1), f32), ((1, 1), jnp.int32), ((k_pad, bv), f32),
+             ((chunk, bv), f32), ((k_pad, bv), f32)],
+            scratch=[((k_pad, bv), f32)],
             temporaries=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * (2 * n_sub + 3)
             + [((sub, bv), f32)] * (n_sub + 1))
     return tiles.gpu_footprint(
@@ -91,16 +90,22 @@ def footprint(platform: str, length: int, k_dim: int, v_dim: int, n: int, dtype,
         live=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * (2 * n_sub + 2) + [((sub, bv), f32)] * (n_sub + 1))
 
 
-def _sse_fwd_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, doc_ref, carry_ref, h0_ref,  # inputs
-                    o_ref, ht_ref,  # outputs
-                    *, scale: float, chunk: int, sub: int, num_chunks: int, mm_dtype):
-    """One program: all chunks of one (batch, head, partition) for one block of value columns.
+def _sse_fwd_kernel(*refs, scale: float, chunk: int, sub: int, num_chunks: int, mm_dtype, tpu: bool = False):
+    """GPU (Triton): one program walks all chunks of one (batch, head, partition) for one block of value
+    columns. TPU (Mosaic, ``tpu=True``): program (batch, head, partition, value block, chunk), the chunk axis
+    sequential, every block one chunk (``T_pad`` below reads ``C``), an extra ``[1, 1]`` input with the document
+    before the chunk, the carry block ``[K_pad, 1]`` of this chunk, and the state in VMEM scratch.
 
     Refs (leading grid dims squeezed): q/k/g ``[T_pad, K_pad]``, v ``[T_pad, block_v]``, w
     ``[T_pad, 1]`` float32 (this partition's weights), doc ``[T_pad, 1]`` int32, carry
     ``[N_chunks * K_pad, 1]`` float32 (this partition's per-chunk state decay), h0/ht
     ``[K_pad, block_v]`` float32, o ``[T_pad, block_v]`` float32.
     """
+    if tpu:
+        (q_ref, k_ref, v_ref, g_ref, w_ref, doc_ref, carry_ref, docprev_ref, h0_ref, o_ref, ht_ref,
+         state_ref) = refs
+    else:
+        q_ref, k_ref, v_ref, g_ref, w_ref, doc_ref, carry_ref, h0_ref, o_ref, ht_ref = refs
     f32 = jnp.float32
     k_pad = q_ref.shape[-1]
     n_sub = chunk // sub
@@ -121,9 +126,7 @@ def _sse_fwd_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, doc_ref, carry_ref, h0_re
     def rows_of(r, start, size):
         return r[pl.ds(start, size), :]
 
-    def chunk_body(ci, state):
-        base = pl.multiple_of(ci * chunk, chunk)
-        doc_prev = rows_of(doc_ref, jnp.maximum(base - 1, 0), 1)  # [1, 1] (doc of pos -1 is 0)
+    def chunk_at(base, state, carry, doc_prev):
         doc_last = rows_of(doc_ref, base + chunk - 1, 1)  # [1, 1]
         before = jnp.zeros((1, k_pad), f32)  # G at the row before the current sub-chunk
         done = []  # (k, G, doc, v) of the sub-chunks already processed in this chunk
@@ -173,8 +176,28 @@ def _sse_fwd_kernel(q_ref, k_ref, v_ref, g_ref, w_ref, doc_ref, carry_ref, h0_re
             k_up = jnp.where(doc_j == doc_last, k_j * jnp.exp(jnp.minimum(before - cum_j, 0.0)),
                              0.0)  # [c, K]
             update = update + dot(k_up, v_j, ((0,), (0,)))  # [K, bv]
-        carry = carry_ref[pl.ds(pl.multiple_of(ci * k_pad, k_pad), k_pad), :]  # [K, 1]
         return carry * state + update
+
+    if tpu:
+        ci = pl.program_id(4)
+
+        @pl.when(ci == 0)
+        def _init():
+            state_ref[...] = h0_ref[...]
+
+        new_state = chunk_at(0, state_ref[...], carry_ref[...], docprev_ref[...])
+        state_ref[...] = new_state
+
+        @pl.when(ci == pl.num_programs(4) - 1)
+        def _final():
+            ht_ref[...] = new_state
+        return
+
+    def chunk_body(ci, state):
+        base = pl.multiple_of(ci * chunk, chunk)
+        doc_prev = rows_of(doc_ref, jnp.maximum(base - 1, 0), 1)  # [1, 1] (doc of pos -1 is 0)
+        carry = carry_ref[pl.ds(pl.multiple_of(ci * k_pad, k_pad), k_pad), :]  # [K, 1]
+        return chunk_at(base, state, carry, doc_prev)
 
     ht_ref[...] = jax.lax.fori_loop(0, num_chunks, chunk_body, h0_ref[...].astype(f32))
 
@@ -248,6 +271,42 @@ def sse_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, w: jax.Array
     fp = footprint(platform, length, k_dim, v_dim, n, q.dtype, chunk, block_sizes)
     if not interpret:
         tiles.require_fit(fp)
+    if platform == "tpu":
+        if chunk % 8 and num_chunks > 1:
+            raise ValueError(f"sse: chunk_size={chunk} must be a multiple of 8 for the TPU kernel")
+        from jax.experimental.pallas import tpu as pltpu
+        doc_prev_rows = jnp.concatenate([doc[:, :1], doc_c[:, :-1, -1]], axis=1).reshape(batch, num_chunks, 1, 1)
+        ck = pl.BlockSpec((None, None, chunk, k_pad), lambda b, h, i, j, c: (b, h, c, 0))
+        cv = pl.BlockSpec((None, None, chunk, block_v), lambda b, h, i, j, c: (b, h, c, j))
+        st = pl.BlockSpec((None, None, None, k_pad, block_v), lambda b, h, i, j, c: (b, i, h, 0, j))
+        o, final_state = pl.pallas_call(
+            functools.partial(_sse_fwd_kernel, scale=float(scale), chunk=chunk, sub=sub, num_chunks=num_chunks,
+                              mm_dtype=mm_dtype, tpu=True),
+            grid=(batch, heads, n, v_pad // block_v, num_chunks),
+            in_specs=[
+                ck, ck, cv, ck,
+                pl.BlockSpec((None, None, chunk, 1), lambda b, h, i, j, c: (b, i, c, 0)),  # w
+                pl.BlockSpec((None, chunk, 1), lambda b, h, i, j, c: (b, c, 0)),  # doc
+                pl.BlockSpec((None, None, None, None, k_pad, 1),
+                             lambda b, h, i, j, c: (b, i, h, c, 0, 0)),  # carry of this chunk
+                pl.BlockSpec((None, None, 1, 1), lambda b, h, i, j, c: (b, c, 0, 0)),  # doc before the chunk
+                st,
+            ],
+            out_specs=[pl.BlockSpec((None, None, None, chunk, block_v), lambda b, h, i, j, c: (b, i, h, c, j)), st],
+            out_shape=[
+                jax.ShapeDtypeStruct((batch, n, heads, t_pad, v_pad), jnp.float32),
+                jax.ShapeDtypeStruct((batch, n, heads, k_pad, v_pad), jnp.float32),
+            ],
+            scratch_shapes=[pltpu.VMEM((k_pad, block_v), jnp.float32)],
+            interpret=interpret,
+            compiler_params=tiles.compiler_params(platform, interpret, footprint=fp,
+                                                  dimension_semantics=("parallel",) * 4 + ("arbitrary",)),
+            name="sse_fwd",
+        )(q_t, k_t, v_t, g_t, w_t, doc_t, carry.reshape(batch, n, heads, num_chunks, k_pad, 1), doc_prev_rows, h0)
+        o = jnp.sum(o, axis=1)  # [B, H, T_pad, V_pad]  sum over partitions, float32
+        o = jnp.transpose(o, (0, 2, 1, 3))[:, :length, :, :v_dim]  # [B, T, H, V]
+        return o.astype(q.dtype), final_state[..., :k_dim, :v_dim]
+
     kernel = functools.partial(_sse_fwd_kernel, scale=float(scale), chunk=chunk, sub=sub,
                                num_chunks=num_chunks, mm_dtype=mm_dtype)
     seq_k = pl.BlockSpec((None, None, t_pad, k_pad), lambda b, h, i, j: (b, h, 0, 0))

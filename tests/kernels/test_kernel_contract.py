@@ -241,8 +241,9 @@ def test_op_under_mesh_equals_single_device(name):
 
 
 def test_tpu_variants_in_the_interpreter_match_the_reference():
-    """The TPU block-spec variants (chunk / time-block grid axis, state in VMEM scratch, padded time) on odd
-    shapes with packed documents and an initial state, against the per-token references."""
+    """The TPU block-spec variants (GLA, SSE, selective scan, SSD: a chunk / time-block grid axis, state in VMEM
+    scratch, padded time) on odd shapes with packed documents and an initial state, against the per-token
+    references."""
     from kernels.gla import pallas as gla_pallas, ref as gla_ref
     from kernels.mamba import pallas as mamba_pallas, ref as mamba_ref
     ks = jax.random.split(jax.random.PRNGKey(1), 8)
@@ -257,6 +258,17 @@ def test_tpu_variants_in_the_interpreter_match_the_reference():
                               block_sizes=gla_pallas.BlockSizes.get_default(v, "tpu"), interpret=True, platform="tpu")
     assert_close(o, o_ref, F32, "gla tpu o")
     assert_close(s, s_ref, F32, "gla tpu state")
+
+    from kernels.sse import pallas as sse_pallas, ref as sse_ref
+    e = jax.nn.softmax(_rand(ks[5], (b, t, 3)), -1)
+    w = jnp.where(jax.nn.one_hot(jnp.argmax(e, -1), 3) > 0, e, 0.0)
+    hs = _rand(ks[6], (b, 3, h, k, v))
+    o_ref, s_ref = jax.jit(functools.partial(sse_ref.sse_masked, scale=0.3, form="recurrent"))(
+        q, kk, vv, g, w, initial_state=hs, segment_ids=seg)
+    o, s = sse_pallas.sse_fwd(q, kk, vv, g, w, hs, gla_ref.document_index(seg, b, t), scale=0.3, chunk_size=8,
+                              block_sizes=sse_pallas.BlockSizes.get_default(v, "tpu"), interpret=True, platform="tpu")
+    assert_close(o, o_ref, F32, "sse tpu o")
+    assert_close(s, s_ref, F32, "sse tpu state")
 
     d, n = 256, 8
     u, dl = _rand(ks[5], (b, t, d)), jax.nn.softplus(_rand(ks[6], (b, t, d))) * 0.3
