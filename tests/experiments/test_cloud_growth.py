@@ -10,16 +10,20 @@ from sqattn.science.cloud import ParcelConfig
 
 
 def test_grid_tables_plots_and_cache(tmp_path):
-    cfg = ParcelConfig(n_sd=16, dt=0.1, duration=1.0, record_every=0.5)
+    # The config and batch of tests/sqattn/science/cloud's COARSE runs: no extra compile when run in one session.
+    cfg = ParcelConfig(n_sd=256, dt=0.1, duration=60.0, record_every=20.0)
     workdir = str(tmp_path)
-    out = cloud_growth.grid(cfg, 1, [100.0, 400.0], [1.0], [0.0, 0.5], 4, workdir, [0.0, 0.5, 1.0])
-    assert out["runs_simulated_now"] == 4 and len(out["rows"]) == 4
-    assert set(out["eps_table"]) == {"N_c=100", "N_c=400"} and len(out["eps_table"]["N_c=100"]["RH0=1"]) == 2
+    args = (cfg, 1, [100.0, 400.0, 1200.0], [1.0], [0.0], 3, workdir, [0.0, 20.0, 60.0])
+    out = cloud_growth.grid(*args)
+    assert out["runs_simulated_now"] == 3 and len(out["rows"]) == 3
+    eps = [out["eps_table"][f"N_c={n}"]["RH0=1"][0] for n in (100, 400, 1200)]
+    assert eps[0] < eps[1] < eps[2]
+    assert out["fits_eps_vs_nc"]["RH0=1,sigma_w=0"]["b_per_cm3"] > 0
     assert out["conservation"]["water_err_max_kg_kg"] < 1e-15
     for name in ("eps_vs_nc.png", "spectra.png", "eps_vs_height.png"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
     json.dumps(out)
-    again = cloud_growth.grid(cfg, 1, [100.0, 400.0], [1.0], [0.0, 0.5], 4, workdir, [0.0, 0.5, 1.0])
+    again = cloud_growth.grid(*args)
     assert again["runs_simulated_now"] == 0 and again["rows"] == out["rows"]
 
 
