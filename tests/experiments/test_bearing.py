@@ -32,6 +32,8 @@ def test_tiny_run_writes_every_table(tmp_path):
     assert six_g["proc"] == lat["batches"]["1"]["jax_rf"]["p50_ms"]
     assert six_g["total"] == pytest.approx(six_g["proc"] + 0.3 + 0.00066, abs=1e-4)
     assert lat["stream"]["jax_rf"]["twin"]["windows"] == 3
+    assert lat["links_stream"]["jax_rf"]["5G"]["p99"]["proc"] == lat["stream"]["jax_rf"]["stages"]["total"]["p99_ms"]
+    assert "sklearn_rf" in bearing.link_table(lat, "links_stream")
     assert "| 0.05 | record | 18 | rf |" in bearing.accuracy_table(rows)
     assert f"| 0.05 | record | {rows[0]['accuracy']:.3f} / " in bearing.accuracy_pivot(rows)
     assert bearing.latency_table(lat).count("\n") == 3 and "6G" in bearing.link_table(lat)
