@@ -20,6 +20,44 @@ vectors of all implementations must be identical (and equal to the known vector 
 ours ``min_s`` (> 1: ours is faster); ``ratio_cold`` uses our cold time. Graph construction is outside the
 timings for both. ``_meta`` records the load average before and after, versions and thread counts: the box is
 shared, so compare numbers within one run.
+
+Measured on the 2-core CPU shared with ~6 other jobs (load average 10-15 throughout, so every absolute time is
+inflated several-fold; compare within a row). cayleypy 0.2.0 + torch 2.14.1 (2 threads), jax 0.10.2; seconds;
+"cold" = our first call in the process, XLA compilation included. Vectors identical in every run ("identical":
+true; LRX-10/11 and pancake-10 also equal the note's vectors).
+
+| graph (states) | jax_dense min / cold | jax_sort min / cold | cayleypy min | bfs_numpy min | ratio* | run |
+|---|---|---|---|---|---|---|
+| lrx-10 (3.6M) | 1.74 / 17.5 | | 18.4 | | 10.6x, 1.05x | C |
+| pancake-10 (3.6M) | 3.23 / 9.3 | | 29.1 | | 9.0x, 3.1x | C |
+| lrx-11 (39.9M) | 78.8 / 128.1 | | 329.8 | | 4.2x, 2.6x | B |
+| lrx-10 | 0.70 / 38.1 | 17.5 / 109.2 | 32.8 | 6.45 | 47x, 0.86x | A |
+| pancake-10 | 3.00 / 60.1 | 47.8 / 135.0 | 91.3 | 42.6 | 30x, 1.5x | A |
+
+(*) cayleypy ``bfs()`` min over jax_dense min, and over jax_dense cold. Run A predates the current dense engine
+(it compiled one program per buffer size instead of one per graph: hence its long cold times); B and C are the
+committed code. Commands (``nice -n 10``):
+A ``--graphs=lrx-10,pancake-10 --repeats=2`` (all four implementations; load 15.6 -> 15.3),
+B ``--graphs=lrx-11 --impls=jax_dense,cayleypy --repeats=1`` (load 9.9 -> 14.0),
+C ``--graphs=lrx-10,pancake-10 --impls=jax_dense,cayleypy --repeats=2`` (load 12.0 -> 11.8).
+Run C's JSON (layer vectors elided)::
+
+  {"lrx-10": {"diameter": 45, "states": 3628800, "identical": true,
+              "jax_dense": {"min_s": 1.7413, "median_s": 2.1912, "states_per_s": 2084014, "cold_s": 17.512},
+              "cayleypy": {"min_s": 18.4358, "median_s": 20.9351, "states_per_s": 196834},
+              "ratio_min_cayleypy_over_jax_dense": 10.59, "ratio_cold_cayleypy_over_jax_dense": 1.05},
+   "pancake-10": {"diameter": 11, "states": 3628800, "identical": true,
+              "jax_dense": {"min_s": 3.2291, "median_s": 3.2891, "states_per_s": 1123764, "cold_s": 9.306},
+              "cayleypy": {"min_s": 29.0971, "median_s": 32.9378, "states_per_s": 124713},
+              "ratio_min_cayleypy_over_jax_dense": 9.01, "ratio_cold_cayleypy_over_jax_dense": 3.13},
+   "_meta": {"loadavg_before": [11.96, 12.65, 13.06], "loadavg_after": [11.80, 12.48, 12.94], "jax": "0.10.2",
+             "cpus": 2, "repeats": 2, "torch_threads": 2, "torch": "2.14.1+cu130"}}
+
+Reading: the dense engine (no sort; one gather/scatter pass per candidate) is 9-47x faster than cayleypy's torch
+BFS once compiled and 1-3x including compilation; the sort engine (cayleypy's own algorithm in XLA) is ~1.9x
+faster warm but slower cold, since XLA's CPU sort runs ~4M uint64 keys/s. LRX-11's claim array (160 MB) no longer
+fits the cache, so its states/s drop ~4x from LRX-10 (random gathers); a byte-map "visited" filter before the
+claim scatter is the next step there.
 """
 
 from __future__ import annotations
@@ -133,10 +171,11 @@ def main(argv) -> None:
     meta = {"loadavg_before": load0, "loadavg_after": os.getloadavg(), "jax": jax.__version__,
             "cpus": os.cpu_count(), "repeats": FLAGS.repeats, "torch_threads": FLAGS.threads}
     try:
-        import cayleypy
         import torch
 
-        meta.update(cayleypy=getattr(cayleypy, "__version__", "?"), torch=torch.__version__)
+        from importlib.metadata import version
+
+        meta.update(cayleypy=version("cayleypy"), torch=torch.__version__)
     except ImportError:
         pass
     results["_meta"] = meta

@@ -26,6 +26,11 @@ layers (:attr:`GrowthResult.compilations` reports the distinct shapes traced in 
 
 States are packed into uint64 words, so the computation runs under ``jax.enable_x64(True)`` (scoped: the
 process-wide setting is left alone).
+
+This module is the *sort engine* (any graph whose states fit ``max_words`` words, coset graphs included).
+:func:`growth` with ``engine="auto"`` uses the *dense engine* of :mod:`dense` instead when the graph is a Cayley
+graph of permutations with ``n! <= max_dense_states`` (default 11!): it replaces sorting by a visited array indexed
+by Lehmer rank and is 5-20x faster on CPU (``experiments/bench_cayley.py``). Both return identical vectors.
 """
 
 from __future__ import annotations

@@ -7,12 +7,14 @@ cayleypy's sorted seen-layers:
 * ``claim[r] == -1``: state ``r`` not reached yet;
 * expanding a frontier chunk gives candidates with ids ``0..X*F-1``; the fresh ones (``claim == -1``) write their
   id with one scatter (duplicates: one write wins), and a candidate is new iff it reads its own id back. The winners
-  are compacted (cumsum + scatter) straight into the next layer's buffer.
+  are compacted (cumsum + scatter) to the front of an ``[X*F]`` block, which is appended in place (donated buffer)
+  to the next layer's buffer at the running count.
 
 That is two gathers, two scatters and a cumulative sum per candidate, with no ``O(L log L)`` sort and no binary
 search; a state claimed by an earlier chunk of the same layer is already "seen", so chunks need no merge step; and
 the directed case (LX) costs the same as the undirected one (the array remembers every layer). Memory: ``4 n!``
-bytes (11!: 160 MB, 12!: 1.9 GB) plus the frontier keys. The frontier stays bit-packed (:mod:`encoding`), so
+bytes (11!: 160 MB, 12!: 1.9 GB) plus two layer buffers of 8 bytes a slot (``<= X |layer|``); the rank-ownership
+version over a mesh is :mod:`sharded`. The frontier stays bit-packed (:mod:`encoding`), so
 generators are applied as in the sort engine; the rank is computed from the packed fields with a running bitmask
 of the symbols already placed: ``c_i = d_i - popcount(placed & ((1 << d_i) - 1))``, ``rank = sum_i c_i (n-1-i)!``.
 """
