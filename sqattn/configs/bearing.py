@@ -11,8 +11,9 @@ Commands (2 shared CPU cores):
   python -m experiments.bearing --workdir=/work/runs/bearing        # every table (RF and MLP), JSON + PNG
 Registered names: bearing_mlp (15 features), bearing_mlp_env (18). Args: ``envelope``, ``noise`` (sigma_n),
 ``split=record|window``, ``records`` (per class and rpm), ``seconds``, ``hidden``, ``layers``, ``steps``,
-``seed``, ``runlocal``. Runtime ~10-20 s per 1000-step run (data synthesis included). Measured accuracies are in
-experiments/bearing.py's docstring.
+``seed``, ``runlocal``. Runtime 14-42 s per 1000-step run on 2 loaded cores (data synthesis included; ~3 min
+with a cold compilation cache). Record split, sigma_n 0.05: 66 % (15 features) and 100 % (18) test accuracy; every
+setting is in experiments/bearing.py's docstring.
 """
 
 from __future__ import annotations
