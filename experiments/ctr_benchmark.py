@@ -20,7 +20,57 @@ excluded), theirs from the wall time of ``model.fit`` (one epoch at a time).
 Outputs ``<workdir>/results.json`` (every run, the table, the throughput comparison) and prints the table and
 the JSON. Non-embedding parameters exclude every embedding table (the LR terms' tables too).
 
-Results: see the "Measured" section at the end of this docstring.
+Measured (2026-12-02, commit 3824151; a 2-core CPU shared with ~6 other agents, load average 10-17 throughout,
+so seconds per epoch are noisy; both libraries' runs interleaved). Cut to fit the CPU: 60k rows (48k/6k/6k)
+instead of 300k, 2 seeds instead of 3 (ablations: 1 seed, high-order only), 3 epochs of batch 1024 (138
+steps); our LR, DNN, DCNv2+DNN, DCNMix and deepctr-torch's DCN matrix+DNN and DCNMix were not in the timed run
+(they train; a smoke run at 8k rows checked every peer). Commands:
+
+  nice -n 10 python -m experiments.ctr_benchmark --workdir=/tmp/h16/benchA --data_dir=/tmp/h16/ctr --rows=60000 \
+      --epochs=3 --seeds=2 --archs=dcnv1,dcnv2,lcn,ecn,fcn --variants=low,high \
+      --peers=deepctr_dcn_vector,deepctr_dcn_matrix                                                  # ~45 min here
+  nice -n 10 python -m experiments.ctr_benchmark --workdir=/tmp/h16/benchB --data_dir=/tmp/h16/ctr --rows=60000 \
+      --epochs=3 --seeds=2 --archs=fcn_bce,fcn_full,fcn_v8,dcnv2_dnn,dcnmix --variants=high --peers=   # stopped after seed 0's ablations
+
+Data: low-order: Bayes AUC (true probabilities) 0.768, CTR 0.176; high-order: high-order share of the logit
+variance 0.399, Bayes AUC 0.819, CTR 0.174. Test AUC (sklearn, 6k test rows), mean ± sample std over seeds:
+
+| variant | lib | model | AUC (mean ± std) | logloss | non-emb params | s/epoch |
+|---|---|---|---|---|---|---|
+| low | sqattn | dcnv1 | 0.6916 ± 0.0005 | 0.4217 | 1,793 | 7.4 |
+| low | sqattn | dcnv2 | 0.6924 ± 0.0004 | 0.4213 | 197,633 | 10.3 |
+| low | sqattn | lcn | 0.6933 ± 0.0008 | 0.4209 | 133,377 | 15.0 |
+| low | sqattn | ecn | 0.6916 ± 0.0011 | 0.4223 | 100,097 | 13.3 |
+| low | sqattn | fcn | 0.6924 ± 0.0007 | 0.4213 | 233,474 | 26.4 |
+| low | deepctr-torch | DCN vector (DCNv1), cross only | 0.6917 ± 0.0002 | 0.4215 | 1,793 | 48.8 |
+| low | deepctr-torch | DCN matrix (DCNv2), cross only | 0.6917 ± 0.0001 | 0.4217 | 197,633 | 79.3 |
+| high | sqattn | dcnv1 | 0.6838 ± 0.0009 | 0.4171 | 1,793 | 13.4 |
+| high | sqattn | dcnv2 | 0.6841 ± 0.0004 | 0.4173 | 197,633 | 11.7 |
+| high | sqattn | lcn | 0.6849 ± 0.0004 | 0.4165 | 133,377 | 13.0 |
+| high | sqattn | ecn | 0.6834 ± 0.0004 | 0.4174 | 100,097 | 12.1 |
+| high | sqattn | fcn | 0.6837 ± 0.0004 | 0.4169 | 233,474 | 23.6 |
+| high | sqattn | fcn_bce (Tri-BCE ablation), seed 0 | 0.6837 | 0.4170 | 233,474 | - |
+| high | sqattn | fcn_full (Self-Mask ablation), seed 0 | 0.6835 | 0.4169 | 461,058 | - |
+| high | sqattn | fcn_v8 (LN aggregation), seed 0 | 0.6831 | 0.4178 | 233,474 | - |
+| high | deepctr-torch | DCN vector (DCNv1), cross only | 0.6843 ± 0.0002 | 0.4172 | 1,793 | 57.4 |
+| high | deepctr-torch | DCN matrix (DCNv2), cross only | 0.6837 ± 0.0009 | 0.4175 | 197,633 | 48.1 |
+
+(fcn seed 0 alone, for the ablations: 0.6840; the ablation runs ran alongside the main run, so their s/epoch
+are not comparable and are left out.)
+
+* Anchor: our DCNv2 minus deepctr-torch's matrix DCN, same seed, same splits: +0.0010, +0.0003 (low), -0.0004,
+  +0.0013 (high); means +0.0007 / +0.0004, within the 0.002 the issue asks. DCNv1 vs vector DCN: +0.0004,
+  -0.0006, -0.0011, -0.0000. Non-embedding parameter counts agree exactly (1,793 and 197,633).
+* At this size no model learns the high-order terms: every model sits at ~0.684 on the high-order set (Bayes
+  0.819) and ~0.692 on the low-order one (Bayes 0.768), 138 steps are far from convergence, and the spread
+  between models (<= 0.0017) is at most ~2 seed std. So the note's expected ECN >= FCN >> LCN on high-order data
+  is NOT observed here, and nothing here says Tri-BCE, the Self-Mask or the v8 aggregation help or hurt (all
+  within 0.001 of FCN with one seed). The full-size run (--rows=300000 --seeds=3 --archs=all, default peers)
+  is the next step; it did not fit this session's shared CPU.
+* Throughput (rows/s from the same interleaved runs, min / median over the 4 seed x variant runs): our FCN
+  1514 / 1896, our DCNv2 2791 / 4600, deepctr-torch's matrix DCN 388 / 979: our DCNv2 is ~4.7x deepctr-torch's
+  at the median, and our FCN (7 layers of D x D/2 plus two heads) ~1.9x. Ours is the trainer's steady-state
+  rate (compilation excluded); theirs is model.fit's wall time (Python per-batch loop, 2 torch threads).
 """
 
 from __future__ import annotations

@@ -108,12 +108,13 @@ def test_ecn_order_doubles_per_layer():
     for exponential, degree in ((True, 2 ** layers), (False, layers + 1)):
         s = ctr.CrossStack(d, layers, exponential=exponential, aggregation="affine", dropout=0.0,
                            rngs=nnx.Rngs(params=0))
-        ts = np.linspace(0.5, 2.0, 12)
-        ys = [float(s(x1 * t)[0]) for t in ts]
+        ts = np.linspace(0.5, 4.0, 12)
+        ys = np.asarray(jax.jit(lambda x: s(x))(x1 * jnp.asarray(ts, jnp.float32)[:, None, None]), np.float64)
+        # float32 evaluation: fit noise ~1e-6 relative; the separation asked for is 1e-4 either way
         fit = np.polyfit(ts, ys, degree + 1)
-        assert abs(fit[0]) < 1e-3 * np.abs(fit).max()          # no term above the expected degree
+        assert abs(fit[0]) < 1e-4 * np.abs(fit).max()          # no term above the expected degree
         low = np.polyfit(ts, ys, degree - 1)
-        assert np.max(np.abs(np.polyval(low, ts) - ys)) > 1e-3 * np.max(np.abs(ys))   # degree - 1 is not enough
+        assert np.max(np.abs(np.polyval(low, ts) - ys)) > 1e-4 * np.max(np.abs(ys))   # degree - 1 is not enough
 
 
 def _bce(z, y):
@@ -160,10 +161,10 @@ def test_fcn_parameter_count_matches_the_paper():
 @pytest.mark.parametrize("name,kw", [
     # (dnn, dcnv1, dcnv2, dcnmix, ecn and fcn also train one step as registered configs in test_train)
     ("ctr_lr", {}),
-    ("dcn", dict(embed_dim=4, cross="matrix", num_cross=2, hidden=(8,))),
-    ("fcn", dict(embed_dim=4, num_heads=2, num_exp_layers=2, num_lin_layers=2, aggregation="mask")),
-    ("fcn", dict(embed_dim=4, num_exp_layers=2, num_lin_layers=1, aggregation="ln", exp_dropout=0.1)),
-    ("fcn", dict(embed_dim=4, num_exp_layers=0, num_lin_layers=2, aggregation="full")),
+    ("dcn", dict(embed_dim=4, cross="matrix", num_cross=1, hidden=(8,))),
+    ("fcn", dict(embed_dim=4, num_heads=2, num_exp_layers=1, num_lin_layers=1, aggregation="mask",
+                 exp_dropout=0.1)),
+    ("fcn", dict(embed_dim=4, num_exp_layers=0, num_lin_layers=1, aggregation="full")),
 ])
 def test_every_model_runs_and_learns_a_step(name, kw):
     """Registered models: finite logits [B] with dropout on and off, and one gradient step on a batch lowers
