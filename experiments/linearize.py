@@ -58,6 +58,12 @@ no_swa +1.48). The same ablation with the d 128 lm_tiny teacher at T 256 (600 st
 (liger +0.10, swa_only +0.04, fresh +0.07, mamba2 +0.10). At 512 every windowed variant stays flat while the
 teacher fails to extrapolate RoPE (3.70 bpb), so that column compares the variants with each other, not with
 the teacher. One seed: differences of a few hundredths of a bpb are not established.
+
+After the fine-tune moved into the trainer (same command, 2026-12-02, 26 min 37 s wall on a machine shared with
+other jobs at load 5-15; teacher identical, 2.2700 / 3.7015): liger 2.3946 / 2.3771, no_swa 3.4395 / 3.4334,
+swa_only 2.2809 / 2.2532, fresh_gate 2.3471 / 2.3177, mamba2_gate 2.3461 / 2.3219, no_finetune 3.9787 / 5.4973
+(bpb@128 / bpb@512). Every variant is within 0.007 bpb of the table above (LoRA A now drawn from another seed, and
+the trainer's AdamW skips decay on vectors; decay is 0 here) and the order is unchanged.
 """
 
 from __future__ import annotations
