@@ -63,7 +63,7 @@ def _small_cfg(name: str, text_root) -> object:
 
 
 def test_default_configs_have_common_fields():
-    assert set(data.source_names()) == {"text", "tfds", "mqar", "copy", "selective_copy"}
+    assert set(data.source_names()) == {"text", "tfds", "mqar", "copy", "selective_copy", "recall"}
     for name in data.source_names():
         cfg = data.default_config(name)
         assert cfg.name == name
