@@ -13,26 +13,15 @@ import time
 import numpy as np
 import pytest
 
-from sqattn import configs
 from sqattn.configs.validate import ConfigError
 from sqattn.train import checkpoint as ckpt_lib
 from sqattn.train import metrics as metrics_lib
 from sqattn.train import train_and_evaluate
 from sqattn.train import trainer as trainer_lib
 from sqattn.train import workdir as workdir_lib
+from tests.experiments.test_train import _cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _cfg(**over):
-    cfg = configs.get("lm_tiny:runlocal")
-    for key, val in over.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = val
-    return cfg
 
 
 def _steps(workdir):
