@@ -27,13 +27,16 @@ def init_config() -> ml_collections.ConfigDict:
         step=-1,              # its checkpoint step; -1 = the latest
         transfer="same",      # "same": identical parameter tree; "transplant": copy every path/shape both
                               # models share, the rest stays initialised (e.g. attention -> Liger)
+        transform="",         # "module:function"(src_model, src_config, config) -> model of this config
+                              # (growth, expansion); replaces `transfer` when set
+        args=ml_collections.ConfigDict(),   # free-form arguments of `transform` (set by its configs)
     ))
 
 
 def peft_config() -> ml_collections.ConfigDict:
     """Adapters applied after the model is built and initialised (and loaded from ``init``)."""
     return ml_collections.ConfigDict(dict(
-        method="",            # "" (none) or "lora"
+        method="",            # "" (none) or a key of sqattn.peft.METHODS ("lora", ...)
         targets="q,k,v",      # comma-separated Dense attribute names to adapt
         rank=8,
         alpha=8.0,
@@ -56,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_name = "lm"          # key in sqattn.models.MODELS
     c.task = "lm"                # key in sqattn.train.tasks.TASKS
     c.seed = 0                   # parameter init seed (data has its own seed in data.seed)
+    c.data_offset = 0            # train batch of step s is data batch s + data_offset (continue another run)
     c.batch_size = 16            # global batch (sequences per step)
     c.num_steps = 1000           # total optimizer steps
     c.log_every = 10             # steps between metrics.jsonl records

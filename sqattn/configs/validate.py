@@ -25,6 +25,7 @@ def validate(cfg: ml_collections.ConfigDict, *, check_devices: bool = True) -> N
     from sqattn.train import tasks
     _check(cfg.batch_size > 0, f"batch_size must be > 0, got {cfg.batch_size}")
     _check(cfg.num_steps >= 0, f"num_steps must be >= 0, got {cfg.num_steps}")
+    _check(cfg.get("data_offset", 0) >= 0, f"data_offset must be >= 0, got {cfg.get('data_offset')}")
     _validate_schedule(cfg)
     models.model_class(cfg.model_name)
     tasks.task_class(cfg.task)
@@ -43,8 +44,14 @@ def validate(cfg: ml_collections.ConfigDict, *, check_devices: bool = True) -> N
                f"init.transfer must be 'same' or 'transplant', got {init.transfer!r}")
         _check(not init.workdir or __import__("os").path.isdir(init.workdir),
                f"init.workdir {init.workdir!r} is not a directory (the run to start from)")
+        transform = init.get("transform", "")
+        _check(not transform or (":" in transform and all(transform.partition(":")[::2])),
+               f"init.transform must be '' or 'module.path:function', got {transform!r}")
+        _check(not transform or init.workdir, f"init.transform {transform!r} needs init.workdir (the source run)")
     if peft is not None:
-        _check(peft.method in ("", "lora"), f"peft.method must be '' or 'lora', got {peft.method!r}")
+        from sqattn.peft import METHODS
+        _check(peft.method in ("", *METHODS), f"peft.method must be '' or one of {sorted(METHODS)}, "
+                                              f"got {peft.method!r}")
         _check(not peft.method or (peft.rank >= 1 and any(t.strip() for t in peft.targets.split(","))),
                f"peft needs rank >= 1 and at least one target, got rank={peft.rank}, targets={peft.targets!r}")
     _check(cfg.batch_size % o.grad_accum == 0,

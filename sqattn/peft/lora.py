@@ -116,6 +116,14 @@ def apply_lora(model: nnx.Module, targets: Sequence[str], *, rank: int = 8, alph
     return [_path_str(p) for p, _ in found]
 
 
+def from_config(model: nnx.Module, peft, rngs: nnx.Rngs) -> nnx.Module:
+    """``config.peft`` entry point (``sqattn.peft.METHODS["lora"]``): ``targets`` (comma-separated), ``rank``,
+    ``alpha``."""
+    targets = [t.strip() for t in str(peft.get("targets", "")).split(",") if t.strip()]
+    apply_lora(model, targets, rank=int(peft.get("rank", 8)), alpha=float(peft.get("alpha", 8.0)), rngs=rngs)
+    return model
+
+
 def merge_lora(model: nnx.Module) -> list[str]:
     """Replaces every ``LoRADense`` by its base ``Dense`` with kernel ``W + A B * alpha / rank``, in place.
 

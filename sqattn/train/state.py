@@ -40,19 +40,36 @@ def build_base_model(config, seed: int | None = None) -> nnx.Module:
 
 
 def apply_peft(model: nnx.Module, config, seed: int | None = None) -> nnx.Module:
-    """Wraps ``model``'s layers in the adapters of ``config.peft`` (in place; none when ``method`` is "")."""
+    """Wraps ``model``'s layers in the adapters of ``config.peft`` (in place; none when ``method`` is "").
+
+    ``config.peft.method`` names an entry of ``sqattn.peft.METHODS``: ``function(model, peft_config, rngs)``.
+    """
     peft = config.get("peft") or {}
     method = peft.get("method", "")
     if not method:
         return model
-    if method != "lora":
-        raise ValueError(f"peft.method {method!r} unknown; known: 'lora'")
-    from sqattn.peft import lora
-    targets = [t.strip() for t in str(peft.get("targets", "")).split(",") if t.strip()]
+    from sqattn.peft import METHODS
+    from sqattn.registry import resolve
+    if method not in METHODS:
+        raise ValueError(f"peft.method {method!r} unknown; known: {sorted(METHODS)}")
     rngs = nnx.Rngs(params=(config.seed if seed is None else seed) + 7919)
-    lora.apply_lora(model, targets, rank=int(peft.get("rank", 8)), alpha=float(peft.get("alpha", 8.0)),
-                    rngs=rngs)
-    return model
+    out = resolve(METHODS[method], f"peft method {method!r}")(model, peft, rngs)
+    return model if out is None else out
+
+
+def make_hooks(config, task) -> list:
+    """The host hooks of a run: the task's (``task.make_hooks(config)``) and the peft method's
+    (``make_hook(config)`` in the method's module). See ``sqattn.train.trainer`` for the hook protocol."""
+    hooks = list(task.make_hooks(config)) if hasattr(task, "make_hooks") else []
+    method = (config.get("peft") or {}).get("method", "")
+    if method:
+        import importlib
+        from sqattn.peft import METHODS
+        module = importlib.import_module(METHODS[method].partition(":")[0])
+        hook = module.make_hook(config) if hasattr(module, "make_hook") else None
+        if hook is not None:
+            hooks.append(hook)
+    return hooks
 
 
 def build_model(config, seed: int | None = None) -> nnx.Module:
@@ -70,14 +87,28 @@ def abstract_model(config):
 def load_init_model(config) -> nnx.Module:
     """``config.model`` with its parameters taken from ``config.init.workdir``'s checkpoint, then adapted.
 
-    ``init.transfer == "same"`` requires the source run's parameter tree (paths and shapes) to equal this
-    model's; ``"transplant"`` copies every parameter both share (``sqattn.models.convert.transplant``) and
-    keeps the rest as initialised from ``config.seed``. Runs on the host (one device) before sharding.
+    With ``init.transform`` (``"module:function"``), ``function(src_model, src_config, config)`` makes the
+    model (growth, expansion: any map from the source run's model to one of this config), and its parameter
+    tree must equal ``build_base_model(config)``'s. Otherwise ``init.transfer == "same"`` requires the source
+    run's parameter tree (paths and shapes) to equal this model's; ``"transplant"`` copies every parameter both
+    share (``sqattn.models.convert.transplant``) and keeps the rest as initialised from ``config.seed``. Runs
+    on the host (one device) before sharding.
     """
     from sqattn import sample
     from sqattn.models import convert
+    from sqattn.registry import resolve
     init = config.init
-    src, _ = sample.load_model(init.workdir, None if int(init.step) < 0 else int(init.step))
+    src, src_config = sample.load_model(init.workdir, None if int(init.step) < 0 else int(init.step))
+    if init.get("transform"):
+        fn = resolve(init.transform, "init.transform")
+        dst = fn(src, src_config, config)
+        want = jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(abstract_base_params(config)))
+        got = jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(nnx.state(dst, nnx.Param)))
+        if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+            diff = _tree_diff(got, want)
+            raise ValueError(f"init.transform {init.transform!r} returned a model whose parameters differ from "
+                             f"config.model's: {diff}")
+        return apply_peft(dst, config)
     dst = build_base_model(config)
     report = convert.transplant(src, dst)
     if init.transfer == "same" and (report["missing_in_src"] or report["unused_in_src"]):
@@ -88,6 +119,28 @@ def load_init_model(config) -> nnx.Module:
     if init.transfer not in ("same", "transplant"):
         raise ValueError(f"init.transfer {init.transfer!r} unknown; known: 'same', 'transplant'")
     return apply_peft(dst, config)
+
+
+def abstract_base_params(config):
+    """The abstract Param state of ``build_base_model(config)`` (no adapters)."""
+    return nnx.state(nnx.eval_shape(lambda: build_base_model(config)), nnx.Param)
+
+
+def _tree_diff(got, want, limit: int = 4) -> str:
+    """A short description of how two pytrees of (shape, dtype) differ (paths only in one, shape changes)."""
+    g = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(
+        got, is_leaf=lambda x: isinstance(x, tuple))}
+    w = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(
+        want, is_leaf=lambda x: isinstance(x, tuple))}
+    parts = []
+    if sorted(set(g) - set(w))[:limit]:
+        parts.append(f"only in the returned model: {sorted(set(g) - set(w))[:limit]}")
+    if sorted(set(w) - set(g))[:limit]:
+        parts.append(f"missing from it: {sorted(set(w) - set(g))[:limit]}")
+    changed = [f"{k}: {g[k][0]} {g[k][1]} vs {w[k][0]} {w[k][1]}" for k in sorted(set(g) & set(w)) if g[k] != w[k]]
+    if changed:
+        parts.append(f"shape/dtype: {changed[:limit]}")
+    return "; ".join(parts) or "tree structure"
 
 
 def _opt_shardings(aopt, params, param_sh, replicated):

@@ -75,18 +75,19 @@ TASKS: dict[str, type | str] = {
     "lm": LMTask,
     "ctr": "sqattn.train.ctr_task:CTRTask",
     "bearing": "sqattn.science.bearing.task:BearingTask",
+    "classify": "sqattn.train.classify_task:ClassifyTask",
+    "lm_fade": "sqattn.growth.fade:FadeLMTask",
+    "teacher": "sqattn.analysis.teacher:TeacherTask",
+    "rank_synth": "sqattn.peft.rank_task:RankSynthTask",
+    "lm_adapt": "sqattn.peft.rank_task:AdaptiveLMTask",
 }
 
 
 def task_class(name: str) -> type:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
-    entry = TASKS[name]
-    if isinstance(entry, str):
-        import importlib
-        mod, cls = entry.split(":")
-        entry = getattr(importlib.import_module(mod), cls)
-    return entry
+    from sqattn.registry import resolve
+    return resolve(TASKS[name], f"task {name!r}")
 
 
 def get_task(name: str) -> Task:

@@ -1,8 +1,22 @@
 """``train_and_evaluate(config, workdir)``: the one trainer, generic over tasks.
 
-Sections: setup (mesh, task, data) -> state (init or resume) -> compiled steps -> loop (log, eval,
+Sections: setup (mesh, task, data) -> state (init or resume) -> compiled steps -> loop (log, eval, hooks,
 checkpoint, SIGTERM) -> final eval, plot. Every step's data and randomness are functions of (seed, step), so
 an interrupted run resumed from its checkpoint reproduces the uninterrupted run exactly.
+
+Host hooks (rank allocators, adapter expansion, fade-in ramps) come from the task (``task.make_hooks(config)``)
+and from the peft method's module (``make_hook(config)``). A hook has
+
+- ``every``: it is called after each step ``s`` with ``s % every == 0``, before that step's checkpoint;
+- ``__call__(step, state, ctx) -> new_state | None``: ``state`` is the train state (``{"step", "params",
+  "opt_state"}``) and ``ctx`` a ``HookContext``. A returned state must have the same shapes (change values, e.g.
+  masks, never shapes, so nothing recompiles); it is put back into the state's shardings;
+- ``events``: a list of dicts the trainer drains into ``metrics.jsonl`` as ``{"step": s, "event": ..., ...}``;
+- ``state_dict() -> dict`` (JSON) saved in every checkpoint's metadata, and ``load_state_dict(d)`` called on
+  resume, so a run stopped mid-schedule resumes exactly.
+
+Cumulative FLOPs: each train record carries ``train_flops``, the run's training FLOPs so far plus, for a run
+started from another (``config.init.workdir``), the source run's ``train_flops`` at the source step.
 """
 
 from __future__ import annotations
@@ -12,8 +26,9 @@ import logging
 import math
 import os
 import signal
+import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +141,66 @@ def check_memory(setup: state_lib.Setup, config) -> int:
             f"gradients alone (mesh {dict(setup.mesh.shape)}), but this machine has {budget / 2**30:.2f} GiB per "
             f"device ({where}). Use more devices (config.mesh.*), a smaller model, or --dry_run to inspect it.")
     return need
+
+
+@dataclasses.dataclass
+class HookContext:
+    """What a host hook may use besides the train state."""
+    config: Any
+    graphdef: Any
+    task: Any
+    mesh: jax.sharding.Mesh
+    state_shardings: dict
+    train_batch: Callable[[int], dict]     # step -> the global train batch of that step (device arrays)
+
+
+def _run_hooks(hooks, step: int, state: dict, ctx: HookContext, writer) -> dict:
+    for hook in hooks:
+        if hook.every and step % hook.every == 0:
+            new = hook(step, state, ctx)
+            if new is not None:
+                state = jax.device_put(new, ctx.state_shardings)
+        events = getattr(hook, "events", None)
+        if events:
+            for ev in events:
+                writer.write_event({"step": step, **ev})
+            events.clear()
+    return state
+
+
+def _source_flops(config) -> float:
+    """Training FLOPs of ``config.init.workdir``'s run up to the step this run starts from (0 when none).
+
+    Read from the source's ``metrics.jsonl`` ``train_flops``: exact at a logged step, else extrapolated at the
+    source's constant per-step rate from its last two records before the step."""
+    init = config.get("init") or {}
+    if not init.get("workdir"):
+        return 0.0
+    step = int(init.get("step", -1))
+    if step < 0:
+        ckpt = os.path.join(init.workdir, "checkpoints")
+        steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if os.path.isdir(ckpt) else []
+        if not steps:
+            return 0.0
+        step = max(steps)
+    try:
+        recs = [r for r in metrics_lib.read_metrics(init.workdir) if "train_flops" in r and r["step"] <= step]
+    except (OSError, metrics_lib.MetricsFileError) as e:
+        log.warning("init.workdir's metrics are unreadable (%s); its FLOPs are not counted", e)
+        return 0.0
+    if not recs:
+        log.warning("init.workdir %r logged no train_flops up to step %d; its FLOPs are not counted",
+                    init.workdir, step)
+        return 0.0
+    recs = sorted({r["step"]: r for r in recs}.values(), key=lambda r: r["step"])
+    last = recs[-1]
+    if last["step"] == step:
+        return float(last["train_flops"])
+    if len(recs) >= 2:
+        rate = (last["train_flops"] - recs[-2]["train_flops"]) / (last["step"] - recs[-2]["step"])
+    else:
+        rate = last["train_flops"] / max(last["step"], 1)
+    return float(last["train_flops"] + rate * (step - last["step"]))
 
 
 class Preempted(BaseException):
@@ -263,6 +338,8 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
     task = tasks_lib.get_task(config.task)
     train_ds, eval_ds = task.make_datasets(config, shard_index=jax.process_index(),
                                            shard_count=jax.process_count())
+    hooks = state_lib.make_hooks(config, task)
+    data_offset = int(config.get("data_offset", 0))
     vocab = getattr(config.model, "vocab_size", None)
     if vocab is not None and getattr(train_ds, "vocab_size", 0) > vocab:
         raise ValueError(f"data {config.data.name!r} has vocab_size {train_ds.vocab_size} but "
@@ -282,12 +359,20 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
     def on_meta(step, meta):
         changes["operational"], changes["altering"] = _resume_check(
             (meta or {}).get("config"), config_json, allow_config_change)
+        changes["hooks"] = (meta or {}).get("hooks")
 
     restored = checkpointer.restore_latest_good(setup.abstract_state, setup.state_shardings, config_json,
                                                 on_meta=on_meta)
     if restored is not None:
         state = restored[1]
         log.info("resumed from %s/%d", checkpointer.directory, restored[0])
+        saved_hooks = changes.get("hooks") or []
+        if hooks and len(saved_hooks) != len(hooks):
+            raise ckpt_lib.CheckpointError(
+                f"the checkpoint at step {restored[0]} holds the state of {len(saved_hooks)} host hook(s) but this "
+                f"run has {len(hooks)} ({[type(h).__name__ for h in hooks]}); refusing to resume without it")
+        for hook, saved in zip(hooks, saved_hooks):
+            hook.load_state_dict(saved)
     else:
         state = state_lib.init_state(config, setup)
     start = int(state["step"])
@@ -318,7 +403,9 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
     fpt = state_lib.flops_per_token(model_view, setup.abstract_params, seq_len)
     peak = flops_lib.system_peak_flops()
     tokens_per_step = config.batch_size * seq_len
-    meta = {"config": config_json}
+    flops0 = _source_flops(config)
+    ctx = HookContext(config, setup.graphdef, task, setup.mesh, setup.state_shardings,
+                      lambda s: to_global(train_ds.batch(s + data_offset)))
 
     def evaluate(step: int, params) -> dict:
         sums = None
@@ -331,6 +418,9 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
         return rec
 
     def save(step: int, st) -> None:
+        meta = {"config": config_json}
+        if hooks:
+            meta["hooks"] = [h.state_dict() for h in hooks]
         checkpointer.save(step, st, meta)
         log.info("checkpoint %s/%d", checkpointer.directory, step)
 
@@ -346,19 +436,19 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
     with sharding.activation_sharding(setup.mesh, setup.rules):
         step = start
         while step < config.num_steps:
-            batch = to_global(train_ds.batch(step))
+            batch = to_global(train_ds.batch(step + data_offset))
             state, m = train_step(state, batch)
             step += 1
             steps_since += 1
             if pending is not None:
-                last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
+                last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step, flops0,
                                             t_last, steps_since) or last_train
             pending = (step, m)
             needs_sync = (step % config.checkpoint_every == 0 or step == config.num_steps
                           or (config.eval_every and step % config.eval_every == 0)
                           or signals.requested or step == stop_after)
             if needs_sync:
-                last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
+                last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step, flops0,
                                             t_last, steps_since, force=True) or last_train
                 pending = None
                 t_last, steps_since = time.perf_counter(), 0
@@ -367,6 +457,8 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
                 if bar is not None:
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()
                                                          if k != "step"))
+            if hooks:
+                state = _run_hooks(hooks, step, state, ctx, writer)
             if step % config.checkpoint_every == 0 or step == config.num_steps:
                 save(step, state)
             if signals.requested or step == stop_after:
@@ -375,7 +467,7 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
                 stopped_early = step < config.num_steps
                 break
         if pending is not None:
-            last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step,
+            last_train = _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step, flops0,
                                         t_last, steps_since, force=True) or last_train
     signals.phase = "final eval"
     if not stopped_early:
@@ -403,7 +495,8 @@ def _logged_train(workdir: str, step: int) -> dict | None:
     return recs[-1] if recs else None
 
 
-def _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step, t_last, steps_since, force=False):
+def _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step, flops0, t_last, steps_since,
+                   force=False):
     step, m = pending
     m = jax.device_get(m)
     loss = float(m["loss"])
@@ -418,7 +511,7 @@ def _check_and_log(pending, writer, config, bar, fpt, peak, tokens_per_step, t_l
     mfu = fpt * tok_s / peak if peak else 0.0
     if step % config.log_every == 0 or force:
         rec = {"step": step, **{k: float(v) for k, v in m.items() if np.ndim(v) == 0},
-               "tokens_per_s": tok_s, "mfu": mfu}
+               "tokens_per_s": tok_s, "mfu": mfu, "train_flops": flops0 + fpt * tokens_per_step * step}
         rec.pop("weight", None)
         rec.pop("params_finite", None)
         if step % config.log_every == 0 or step == config.num_steps:
