@@ -42,6 +42,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "fcn_avazu": ("ctr", "arch=fcn,source=avazu"),
     "bearing_mlp": ("bearing", ""),
     "bearing_mlp_env": ("bearing", "envelope"),
+    "teacher_lmc": ("teacher", "problem=lmc"),
+    "teacher_reg": ("teacher", "problem=reg"),
+    "teacher_cls": ("teacher", "problem=cls"),
 }
 
 

@@ -12,6 +12,7 @@ MODELS = {
     "dcn": "sqattn.models.ctr:DCN",
     "fcn": "sqattn.models.ctr:FCN",
     "bearing_mlp": "sqattn.science.bearing.model:BearingMLP",
+    "mlp": "sqattn.models.mlp:MLP",
 }
 
 
