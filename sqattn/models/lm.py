@@ -22,6 +22,14 @@ from sqattn.layers import Embed, RMSNorm, SwiGLU, Dense
 from sqattn.parallel.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PAD_LOGIT = -1e9  # logit of a padding vocabulary column: finite (0 * PAD_LOGIT is 0, never NaN), exp() is 0
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple`` (the rows of the embedding / output head)."""
+    if vocab_size < 1 or multiple < 1:
+        raise ValueError(f"vocab_size and vocab_multiple must be >= 1, got {vocab_size}, {multiple}")
+    return -(-vocab_size // multiple) * multiple
 
 
 def expand_pattern(block_pattern: str, num_layers: int) -> str:
@@ -75,6 +83,11 @@ class LM(nnx.Module):
       mlp_dim: SwiGLU hidden width (0 = no MLP).  tie_embeddings: output head = embedding^T.
       dtype: compute dtype name ("float32" | "bfloat16"); parameters are always float32.
       mixers: {mixer name: kwargs} for each mixer the pattern uses.  remat: rematerialise each block.
+      vocab_multiple: the embedding and the output head get ``padded_vocab_size(vocab_size, vocab_multiple)``
+        rows, so the vocabulary dimension divides every mesh axis that shards it (MaxText-style; e.g. 128 for
+        GPT-2's 50,257 -> 50,304). Logits keep the padded width (still sharded over ``act_vocab``) with the
+        padding columns set to ``PAD_LOGIT``, so the loss, argmax and sampling never pick them and tokens stay
+        ``< vocab_size``. 1 (default) = no padding: the same parameters as before the option existed.
       moe: None (no MoE) or ``sqattn.moe.MoE`` kwargs plus ``every``/``layers`` choosing the blocks whose MLP
         it replaces (``sqattn.moe.moe_layer_indices``; e.g. ``every=2``: blocks 1, 3, ...).
     """
@@ -82,8 +95,11 @@ class LM(nnx.Module):
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, block_pattern: str = "A",
                  mlp_dim: int = 0, tie_embeddings: bool = True, dtype: str = "float32",
                  mixers: dict[str, dict[str, Any]] | None = None, norm_eps: float = 1e-6,
-                 remat: bool = False, moe: dict[str, Any] | None = None, rngs: nnx.Rngs):
+                 remat: bool = False, moe: dict[str, Any] | None = None, vocab_multiple: int = 1,
+                 rngs: nnx.Rngs):
         mixers = dict(mixers or {})
+        self.vocab_size = vocab_size
+        self.padded_vocab = padded_vocab_size(vocab_size, vocab_multiple)
         moe_layers, moe_kwargs = (), None
         if moe is not None:
             from sqattn import moe as moe_lib
@@ -91,7 +107,7 @@ class LM(nnx.Module):
         self.pattern = expand_pattern(block_pattern, num_layers)
         self.dtype = as_dtype(dtype)
         self.remat = remat
-        self.embed = Embed(vocab_size, d_model, rngs=rngs, dtype=self.dtype)
+        self.embed = Embed(self.padded_vocab, d_model, rngs=rngs, dtype=self.dtype)
         out_scale = 1.0 / (2 * num_layers) ** 0.5  # GPT-2 style residual-branch scaling
         blocks = []
         for i, letter in enumerate(self.pattern):
@@ -104,7 +120,7 @@ class LM(nnx.Module):
                                 moe_cfg=moe_kwargs if i in moe_layers else None))
         self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(d_model, eps=norm_eps)
-        self.head = None if tie_embeddings else Dense(d_model, vocab_size, axes=("embed", "vocab"),
+        self.head = None if tie_embeddings else Dense(d_model, self.padded_vocab, axes=("embed", "vocab"),
                                                       rngs=rngs, dtype=self.dtype)
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None):
@@ -140,9 +156,12 @@ class LM(nnx.Module):
         return logits
 
     def _logits(self, h):
-        if self.head is None:
-            return self.embed.attend(h)
-        return self.head(h).astype(jnp.float32)
+        logits = self.embed.attend(h) if self.head is None else self.head(h).astype(jnp.float32)
+        if self.padded_vocab == self.vocab_size:
+            return logits
+        # An elementwise mask (not a slice), so the vocabulary dimension keeps its sharding.
+        real = jnp.arange(self.padded_vocab) < self.vocab_size
+        return jnp.where(real, logits, jnp.asarray(PAD_LOGIT, logits.dtype))
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list:
         return [blk.mixer.init_cache(batch, max_len, dtype) for blk in self.blocks]

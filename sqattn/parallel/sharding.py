@@ -53,6 +53,10 @@ LOGICAL_AXIS_RULES: dict[str, dict[str, Any]] = {
         "act_heads": "tensor",
         "act_mlp": "tensor",
         "act_vocab": "tensor",
+        # --- weights that no rule above shards over these mesh axes (low-rank factors such as SSE's
+        # [rank, heads*dim] deltas and gates when tensor == 1, norm scales) are sharded over them on their
+        # largest dimension they divide (``param_shardings``), so FSDP really stores 1/N of every weight.
+        "param_fallback": "fsdp",
     },
 }
 # Pure data parallel: every weight replicated, batch over all axes that exist.
@@ -129,11 +133,34 @@ def spec_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: jax.
     return P(*out)
 
 
+def with_fallback(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh, rules: dict[str, Any]) -> P:
+    """``spec`` plus the mesh axes of ``rules["param_fallback"]`` that it leaves unused, each put on the
+    largest still-unsharded dimension it divides (ties: the first). A weight whose logical axes all map to
+    absent or size-1 mesh axes would otherwise be copied on every device of the FSDP axis."""
+    target = rules.get("param_fallback")
+    cand = (target,) if isinstance(target, str) else tuple(target or ())
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    used = {a for e in entries if e is not None for a in ((e,) if isinstance(e, str) else e)}
+    for ax in cand:
+        size = mesh.shape.get(ax, 1)
+        if ax in used or size == 1:
+            continue
+        free = [i for i, e in enumerate(entries) if e is None and shape[i] % size == 0]
+        if free:
+            i = max(free, key=lambda j: (shape[j], -j))
+            entries[i] = ax
+            used.add(ax)
+    return P(*entries)
+
+
 def param_shardings(abstract_state, mesh, rules):
-    """NamedShardings for an (abstract) ``nnx.State`` of Params, as a pure dict tree."""
+    """NamedShardings for an (abstract) ``nnx.State`` of Params, as a pure dict tree (``spec_for`` by the
+    logical axes, then ``with_fallback``)."""
     def one(var):
         axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
-        return NamedSharding(mesh, spec_for(axes, var.value.shape, mesh, rules))
+        shape = var.value.shape
+        spec = spec_for(axes, shape, mesh, rules)
+        return NamedSharding(mesh, with_fallback(spec, shape, mesh, rules) if shape else spec)
     tree = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
