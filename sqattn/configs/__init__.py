@@ -45,6 +45,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "teacher_lmc": ("teacher", "problem=lmc"),
     "teacher_reg": ("teacher", "problem=reg"),
     "teacher_cls": ("teacher", "problem=cls"),
+    "rank_synth": ("adaptive_rank", "method=triadapt"),
 }
 
 

@@ -13,6 +13,7 @@ MODELS = {
     "fcn": "sqattn.models.ctr:FCN",
     "bearing_mlp": "sqattn.science.bearing.model:BearingMLP",
     "mlp": "sqattn.models.mlp:MLP",
+    "rank_mlp": "sqattn.peft.rank_task:RankMLP",
 }
 
 
