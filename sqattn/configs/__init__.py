@@ -46,6 +46,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "teacher_reg": ("teacher", "problem=reg"),
     "teacher_cls": ("teacher", "problem=cls"),
     "rank_synth": ("adaptive_rank", "method=triadapt"),
+    "dit_shapes": ("diffusion", "kind=dit"),
+    "judge_shapes": ("diffusion", "kind=judge"),
+    "spm_shapes": ("diffusion", "kind=spm"),
 }
 
 

@@ -14,6 +14,8 @@ MODELS = {
     "bearing_mlp": "sqattn.science.bearing.model:BearingMLP",
     "mlp": "sqattn.models.mlp:MLP",
     "rank_mlp": "sqattn.peft.rank_task:RankMLP",
+    "dit": "sqattn.models.dit:DiT",
+    "judge_cnn": "sqattn.models.judge:ShapeJudge",
 }
 
 

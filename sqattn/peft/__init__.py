@@ -12,6 +12,7 @@ METHODS: dict[str, str] = {
     "triadapt": "sqattn.peft.adaptive:from_config",
     "adalora": "sqattn.peft.adaptive:from_config",
     "increlora": "sqattn.peft.adaptive:from_config",
+    "spm": "sqattn.peft.spm:from_config",
 }
 
 from sqattn.peft.lora import (LoRADense, LoRAParam, apply_lora, count_params, merge_lora,  # noqa: F401

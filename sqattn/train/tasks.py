@@ -80,6 +80,9 @@ TASKS: dict[str, type | str] = {
     "teacher": "sqattn.analysis.teacher:TeacherTask",
     "rank_synth": "sqattn.peft.rank_task:RankSynthTask",
     "lm_adapt": "sqattn.peft.rank_task:AdaptiveLMTask",
+    "diffusion": "sqattn.diffusion.tasks:DiffusionTask",
+    "shapes_judge": "sqattn.diffusion.tasks:JudgeTask",
+    "spm": "sqattn.diffusion.tasks:SPMTask",
 }
 
 
