@@ -42,6 +42,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "fcn_avazu": ("ctr", "arch=fcn,source=avazu"),
     "bearing_mlp": ("bearing", ""),
     "bearing_mlp_env": ("bearing", "envelope"),
+    "grow": ("growth", ""),
     "teacher_lmc": ("teacher", "problem=lmc"),
     "teacher_reg": ("teacher", "problem=reg"),
     "teacher_cls": ("teacher", "problem=cls"),

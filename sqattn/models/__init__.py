@@ -12,6 +12,8 @@ MODELS = {
     "dcn": "sqattn.models.ctr:DCN",
     "fcn": "sqattn.models.ctr:FCN",
     "bearing_mlp": "sqattn.science.bearing.model:BearingMLP",
+    "fade_lm": "sqattn.growth.fade:FadeLM",
+    "template_mlp": "sqattn.growth.mixture:TemplateMLP",
     "mlp": "sqattn.models.mlp:MLP",
     "rank_mlp": "sqattn.peft.rank_task:RankMLP",
     "dit": "sqattn.models.dit:DiT",

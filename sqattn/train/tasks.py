@@ -75,6 +75,7 @@ TASKS: dict[str, type | str] = {
     "lm": LMTask,
     "ctr": "sqattn.train.ctr_task:CTRTask",
     "bearing": "sqattn.science.bearing.task:BearingTask",
+    "lm_fade": "sqattn.growth.fade:FadeLMTask",
     "classify": "sqattn.train.classify_task:ClassifyTask",
     "lm_fade": "sqattn.growth.fade:FadeLMTask",
     "teacher": "sqattn.analysis.teacher:TeacherTask",

@@ -1,0 +1,258 @@
+"""G_stack at CPU scale (papers/gstack.md, "Small-scale reproduction"): scratch vs grown LMs at equal FLOPs.
+
+Target: ``experiments.common.small_lm_config`` (byte-level ``lm_tiny`` on the stdlib text of the ``text``
+source: d_model 64, ``--layers`` 4, T ``--seq_len`` 64, batch 16). Budget F = the FLOPs of ``--steps`` scratch
+steps (the trainer's ``train_flops``: 6 x active matmul params + attention terms, per token). Every arm is a
+run of the one trainer, in ``<workdir>/runs/<seed>/<arm>``:
+
+* ``scratch``: the target for ``--steps`` steps.
+* ``g{g}_d{f}``: G_stack (``op=direct``, ``order=stack``): a base of ``layers/g`` layers trained for a
+  fraction f of F (one base run per g, checkpointed at each f), stacked g times, then trained on the rest of F
+  with a fresh AdamW, a new warmup (5% of its steps) and cosine decay, continuing the base's data stream.
+* ``zero_g{g}_d{f}`` (G_zero: repeats with zeroed residual outputs) and ``random_g{g}_d{f}`` (G_random: fresh
+  layers faded in over 10% of the remaining steps), at ``--op_g`` / ``--op_fraction``.
+
+Every run evaluates bits/byte on the eval split every ``--steps``/8 target-steps' worth of FLOPs; the curves
+are plotted against cumulative FLOPs (base included). Speedup of an arm (per seed, against that seed's
+scratch): F_scratch / F_arm - 1, where F_arm = the FLOPs at which the arm's eval curve (linearly interpolated)
+first reaches scratch's final eval bits/byte; "not reached" if never. ``speedup_excl_base`` counts only the
+grown run's FLOPs. Same LR recipe for every run (lm_tiny's 3e-3 peak, cosine to 10%).
+
+  nice -n 10 python -m experiments.gstack --workdir=/tmp/gstack
+
+Writes ``results.json``, ``gstack.png`` and prints the speedup table and one JSON line. Finished runs are
+reused (every run resumes from its workdir).
+
+Results: see the table appended below after a measured run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "output directory", required=True)
+flags.DEFINE_integer("steps", 160, "scratch steps (fixes the FLOP budget F)")
+flags.DEFINE_integer("layers", 4, "target depth")
+flags.DEFINE_integer("d_model", 64, "width")
+flags.DEFINE_integer("seq_len", 64, "bytes per row")
+flags.DEFINE_integer("batch_size", 16, "rows per step")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "init seeds")
+flags.DEFINE_list("gs", ["4", "2"], "growth factors")
+flags.DEFINE_list("fractions", ["0.1", "0.2", "0.4"], "growth points d as fractions of F")
+flags.DEFINE_list("g2_fractions", ["0.2"], "fractions for growth factors other than the first")
+flags.DEFINE_integer("op_g", 4, "g of the G_zero / G_random arms")
+flags.DEFINE_float("op_fraction", 0.2, "d of the G_zero / G_random arms")
+flags.DEFINE_list("ops", ["zero", "random"], "other operators to run")
+flags.DEFINE_string("base", "lm", "target family: lm (attention) or sse_h (sse_h_tiny: 'SSSA')")
+flags.DEFINE_string("order", "stack", "stacking order (stack | interleave | by_kind)")
+flags.DEFINE_integer("base_layers", 0, "base depth for --base=sse_h (0 = layers / g)")
+flags.DEFINE_boolean("progress", False, "progress bars")
+
+
+def target_config(seed: int):
+    from experiments.common import small_lm_config
+    from sqattn import configs
+    if FLAGS.base == "lm":
+        cfg = small_lm_config(steps=FLAGS.steps, d_model=FLAGS.d_model, layers=FLAGS.layers,
+                              seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size, seed=seed)
+    elif FLAGS.base == "sse_h":
+        cfg = configs.get("sse_h_tiny")
+        cfg.num_steps, cfg.seed, cfg.batch_size = FLAGS.steps, seed, FLAGS.batch_size
+        cfg.data.seq_len = FLAGS.seq_len
+        cfg.model.num_layers = FLAGS.layers
+        cfg.eval_every, cfg.mesh.fsdp = 0, 1
+    else:
+        raise ValueError(f"--base must be lm or sse_h, got {FLAGS.base!r}")
+    cfg.optim.warmup_steps = max(1, FLAGS.steps // 20)
+    cfg.eval_batches = 4
+    cfg.log_every = 5
+    cfg.checkpoint_every = cfg.num_steps
+    cfg.eval_every = max(1, FLAGS.steps // 8)
+    return cfg
+
+
+def flops_per_step(cfg) -> float:
+    from flax import nnx
+    from sqattn.train import state as state_lib
+    graphdef, params = state_lib.abstract_model(cfg)
+    fpt = state_lib.flops_per_token(nnx.merge(graphdef, params), params, cfg.data.seq_len)
+    return fpt * cfg.batch_size * cfg.data.seq_len
+
+
+def base_config(target, layers: int, pattern: str | None, fractions, budget: float):
+    from sqattn.configs import growth as gc
+    cfg = gc.depth_config(target, layers)
+    if pattern:
+        cfg.model.block_pattern = pattern
+    per = flops_per_step(cfg)
+    steps = {f: max(1, round(f * budget / per)) for f in fractions}
+    cfg.num_steps = max(steps.values())
+    cfg.checkpoint_every = math.gcd(*steps.values())
+    cfg.keep_checkpoints = len(steps) + 1
+    cfg.eval_every = cfg.checkpoint_every
+    cfg.log_every = 1                     # train_flops at every growth point
+    cfg.optim.warmup_steps = max(1, cfg.num_steps // 20)
+    return cfg, steps
+
+
+def run(cfg, wd) -> list[dict]:
+    """The run's metrics records, training it first unless it already finished (final eval logged)."""
+    from sqattn.train import metrics as metrics_lib
+    from sqattn.train import train_and_evaluate
+    if os.path.exists(os.path.join(wd, "metrics.jsonl")):
+        recs = metrics_lib.read_metrics(wd)
+        if any(r.get("step") == cfg.num_steps and "eval_bits_per_byte" in r for r in recs):
+            return recs
+    out = train_and_evaluate(cfg, wd, progress=FLAGS.progress)
+    if out.get("stopped_early"):
+        raise RuntimeError(f"{wd} stopped early; rerun to resume")
+    return metrics_lib.read_metrics(wd)
+
+
+def curve(recs, base_recs=None, upto_step=None) -> list[tuple[float, float]]:
+    """(cumulative FLOPs, eval bits/byte) of a run, the base run's points up to the growth step first."""
+    pts = []
+    for rs, last in ((recs, None), (base_recs or [], upto_step)):
+        fl = flops_of(rs)
+        pts += [(fl[r["step"]], r["eval_bits_per_byte"]) for r in rs if "eval_bits_per_byte" in r
+                and r["step"] in fl and (last is None or r["step"] <= last)]
+    return sorted(pts)
+
+
+def flops_of(recs) -> dict:
+    return {r["step"]: r["train_flops"] for r in recs if "train_flops" in r}
+
+
+def flops_to_reach(pts, target: float) -> float | None:
+    for (f0, l0), (f1, l1) in zip(pts, pts[1:]):
+        if l1 <= target:
+            if l0 <= target:
+                return f0
+            return f0 + (f1 - f0) * (l0 - target) / (l0 - l1)
+    return pts[0][0] if pts and pts[0][1] <= target else None
+
+
+def main(argv):
+    del argv
+    from experiments.common import quiet_logging
+    from sqattn.configs import growth as gc
+    from sqattn.train.trainer import enable_compilation_cache
+    quiet_logging()
+    enable_compilation_cache()
+    t0 = time.time()
+    gs = [int(g) for g in FLAGS.gs]
+    spec = [(gs[0], float(f), "direct") for f in FLAGS.fractions]
+    spec += [(g, float(f), "direct") for g in gs[1:] for f in FLAGS.g2_fractions]
+    spec += [(FLAGS.op_g, FLAGS.op_fraction, op) for op in FLAGS.ops]
+    arms: dict[str, dict] = {}
+    for seed in [int(x) for x in FLAGS.seeds]:
+        root = os.path.join(FLAGS.workdir, "runs", str(seed))
+        target = target_config(seed)
+        per_t = flops_per_step(target)
+        budget = per_t * target.num_steps
+        arms.setdefault("scratch", {})[seed] = {"curve": curve(run(target, os.path.join(root, "scratch"))),
+                                                "base_flops": 0.0}
+        for g in sorted({g for g, _, _ in spec}, reverse=True):
+            layers = FLAGS.base_layers or FLAGS.layers // g
+            # a base shallower than one period of a hybrid's pattern keeps one layer of each kind ("SA")
+            pattern = "SA" if FLAGS.base == "sse_h" and layers < len(target.model.block_pattern) else None
+            fracs = sorted({f for gg, f, _ in spec if gg == g})
+            bcfg, bsteps = base_config(target, layers, pattern, fracs, budget)
+            base_wd = os.path.join(root, f"base_g{g}")
+            base_recs = run(bcfg, base_wd)
+            base_flops = {r["step"]: r["train_flops"] for r in base_recs if "train_flops" in r}
+            for _, f, op in [a for a in spec if a[0] == g]:
+                s_b = bsteps[f]
+                steps = max(1, round((budget - base_flops[s_b]) / per_t))
+                cfg = gc.grown_config(target, base_wd, op=op, order="by_kind" if pattern else FLAGS.order,
+                                      g=0 if pattern else g, source_step=s_b, num_steps=steps,
+                                      warmup_steps=max(1, steps // 20),
+                                      fade_steps=max(1, steps // 10) if op == "random" else 0)
+                cfg.eval_every = target.eval_every
+                cfg.checkpoint_every = steps
+                name = ("" if op == "direct" else f"{op}_") + f"g{g}_d{f:g}"
+                recs = run(cfg, os.path.join(root, name))
+                arms.setdefault(name, {})[seed] = {"curve": curve(recs, base_recs, s_b),
+                                                   "base_flops": base_flops[s_b]}
+        print(f"seed {seed} done at {time.time() - t0:.0f}s", flush=True)
+    table = speedups(arms)
+    results = {"settings": {k: FLAGS[k].value for k in ("steps", "layers", "d_model", "seq_len", "batch_size",
+                                                         "seeds", "gs", "fractions", "g2_fractions", "op_g",
+                                                         "op_fraction", "ops", "base", "order")},
+               "wall_s": time.time() - t0, "arms": {k: {str(s): v for s, v in d.items()} for k, d in arms.items()},
+               "table": table}
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    plot(arms, os.path.join(FLAGS.workdir, "gstack.png"))
+    print(format_table(table))
+    print(json.dumps({"table": table, "wall_s": results["wall_s"]}))
+
+
+def speedups(arms: dict) -> dict:
+    import numpy as np
+    out = {}
+    for name, per_seed in arms.items():
+        rows = []
+        for seed, rec in per_seed.items():
+            ref = arms["scratch"][seed]["curve"]
+            goal, f_scratch = ref[-1][1], ref[-1][0]
+            f = flops_to_reach(rec["curve"], goal)
+            rows.append({"final_bpb": rec["curve"][-1][1], "flops_to_scratch_final": f,
+                         "speedup": None if f is None else f_scratch / f - 1,
+                         # reached already during the base phase: no grown-run FLOPs to count
+                         "speedup_excl_base": (None if f is None or f <= rec["base_flops"] else
+                                               f_scratch / (f - rec["base_flops"]) - 1)})
+        reached = [r["speedup"] for r in rows if r["speedup"] is not None]
+        excl = [r["speedup_excl_base"] for r in rows if r["speedup_excl_base"] is not None]
+        finals = [r["final_bpb"] for r in rows]
+        out[name] = {"final_bpb_mean": float(np.mean(finals)), "final_bpb_std": float(np.std(finals)),
+                     "reached": f"{len(reached)}/{len(rows)}",
+                     "speedup_mean": float(np.mean(reached)) if reached else None,
+                     "speedup_min": float(np.min(reached)) if reached else None,
+                     "speedup_max": float(np.max(reached)) if reached else None,
+                     "speedup_excl_base_mean": float(np.mean(excl)) if excl else None, "seeds": rows}
+    return out
+
+
+def format_table(table: dict) -> str:
+    lines = ["| arm | final bpb (mean ± std) | reached scratch final | speedup mean [min, max] | excl. base |",
+             "|---|---|---|---|---|"]
+    for name, t in table.items():
+        sp = ("not reached" if t["speedup_mean"] is None else
+              f"{t['speedup_mean']:+.1%} [{t['speedup_min']:+.1%}, {t['speedup_max']:+.1%}]")
+        ex = "-" if t["speedup_excl_base_mean"] is None else f"{t['speedup_excl_base_mean']:+.1%}"
+        lines.append(f"| {name} | {t['final_bpb_mean']:.4f} ± {t['final_bpb_std']:.4f} | {t['reached']} | {sp} | {ex} |")
+    return "\n".join(lines)
+
+
+def plot(arms: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, per_seed) in enumerate(arms.items()):
+        color = f"C{i % 10}"
+        for j, rec in enumerate(per_seed.values()):
+            xs, ys = zip(*rec["curve"])
+            ax.plot(xs, ys, color=color, alpha=0.8, lw=2 if name == "scratch" else 1,
+                    ls="-" if name == "scratch" or name.startswith("g") else "--", label=name if j == 0 else None)
+    ax.set_xlabel("cumulative training FLOPs (base run included)")
+    ax.set_ylabel("eval bits/byte")
+    ax.set_ylim(top=min(4.5, ax.get_ylim()[1]))
+    ax.legend(fontsize=8)
+    ax.set_title("G_stack at CPU scale: every arm at the same total FLOPs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    app.run(main)
