@@ -242,6 +242,15 @@ def interpolation_curve(loss_fn: LossFn, pa: Params, pb: Params, batches: Sequen
     return out
 
 
+def evaluate(loss_fn: LossFn, params: Params, batches: Sequence[dict]) -> dict[str, float]:
+    """Weighted means of the loss and every scalar metric of ``params`` over ``batches`` (same as the curve's
+    values at a = 0)."""
+    key = ("eval", loss_fn, 0)
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(lambda p, st: _sum_metrics(loss_fn, p, st))
+    return {k: float(v) for k, v in _means(jax.device_get(_COMPILED[key](params, _stack(batches)))).items()}
+
+
 def _gauss_half_nodes(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Nodes s and weights w on [0, 1] (n Gauss-Legendre nodes on each half) with w_i G_{1/2}(s_i) folded in."""
     x, w = np.polynomial.legendre.leggauss(n)
@@ -253,7 +262,7 @@ def _gauss_half_nodes(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predictors(loss_fn: LossFn, pa: Params, pb: Params, batches: Sequence[dict], *,
-               mask: Params | None = None, nodes: int = 5, chunk: int = 8) -> dict[str, float]:
+               mask: Params | None = None, nodes: int = 8, chunk: int = 8) -> dict[str, float]:
     """The barrier-height predictors of lmc.md along the (masked) path from theta_A to theta_B.
 
     Returns:
@@ -353,7 +362,7 @@ def load_run(workdir: str, step: int | None = None, *, float32: bool = True, dat
 
 def compare(run_a: Run, run_b: Run, *, base: Run | None = None, split: str = "train", num_batches: int = 4,
             eval_split: str | None = "eval", eval_num_batches: int | None = None, alphas: int = 21,
-            groups: Mapping[str, Any] | None = None, with_predictors: bool = True, nodes: int = 5,
+            groups: Mapping[str, Any] | None = None, with_predictors: bool = True, nodes: int = 8,
             chunk: int = 8) -> dict[str, Any]:
     """Everything lmc.md measures for one pair of runs (same model), with ``run_a``'s task and batches.
 

@@ -175,3 +175,23 @@ def best_eval(workdir: str, key: str = "eval_loss") -> tuple[float, int]:
         raise ValueError(f"{workdir}: no eval record with {key!r} in metrics.jsonl")
     best = min(recs, key=lambda r: r[key])
     return float(best[key]), int(best["step"])
+
+
+# ----------------------------------------------------------------------------------------------- binaries
+def define_flags(defaults: Mapping[str, tuple[Any, str]]) -> None:
+    """absl flags ``name -> (default, help)``, typed by the default (list, bool, int, float, str). Experiment
+    binaries call it under ``__main__`` only, so importing several of them (tests) defines nothing twice."""
+    from absl import flags
+    for name, (default, doc) in defaults.items():
+        kind = {list: flags.DEFINE_list, bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+                float: flags.DEFINE_float, str: flags.DEFINE_string}[type(default)]
+        kind(name, default, doc)
+
+
+def settings(defaults: Mapping[str, tuple[Any, str]], **overrides):
+    """A namespace of the defaults with ``overrides`` (what the flags give when run as a program)."""
+    from types import SimpleNamespace
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(defaults)}")
+    return SimpleNamespace(**{k: overrides.get(k, v) for k, (v, _) in defaults.items()})

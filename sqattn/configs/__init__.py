@@ -46,6 +46,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "teacher_lmc": ("teacher", "problem=lmc"),
     "teacher_reg": ("teacher", "problem=reg"),
     "teacher_cls": ("teacher", "problem=cls"),
+    "lm_shards": ("lm_shards", ""),
     "rank_synth": ("adaptive_rank", "method=triadapt"),
     "dit_shapes": ("diffusion", "kind=dit"),
     "judge_shapes": ("diffusion", "kind=judge"),

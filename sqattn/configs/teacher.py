@@ -2,7 +2,9 @@
 
 Protocols (``problem=``):
 * ``lmc`` (papers/lmc.md small-scale reproduction): 10-class labels from a random 32 -> 64 -> 10 ReLU teacher,
-  10k train / 5k eval; student MLP 32 -> 128 -> 128 -> 10 (ReLU, no normalisation); batch 32 (noisy on purpose);
+  10k train / 5k eval; student MLP 32 -> 128 -> 128 -> 10 (GELU, no normalisation: with ReLU the loss along a
+  path has kinks whose curvature forward-mode AD does not see, so the Hessian predictors B_H/B_q miss part of
+  the barrier; GELU keeps them exact); batch 32 (noisy on purpose);
   AdamW at a constant learning rate after a short warmup (no decay, so a child spawned at step k sees the same
   learning rate as its parent did), no weight decay, no clipping. ``keep_checkpoints`` is high so a parent keeps
   every spawn point (``sqattn.analysis.lmc.train_parent``).
@@ -62,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lr = a.lr or lr
     c.model = ml_collections.ConfigDict(dict(
         in_features=c.data.in_dim, out_features=c.data.num_outputs, hidden=a.width or width, num_layers=a.layers,
-        activation="relu", init_scale=1.0))
+        activation="gelu" if a.problem == "lmc" else "relu", init_scale=1.0))
     c.log_every = 50
     c.eval_every = a.eval_every if a.eval_every >= 0 else 0
     c.checkpoint_every = c.num_steps

@@ -79,6 +79,7 @@ TASKS: dict[str, type | str] = {
     "classify": "sqattn.train.classify_task:ClassifyTask",
     "lm_fade": "sqattn.growth.fade:FadeLMTask",
     "teacher": "sqattn.analysis.teacher:TeacherTask",
+    "lm_shards": "sqattn.analysis.text_shards:ShardedTextTask",
     "rank_synth": "sqattn.peft.rank_task:RankSynthTask",
     "lm_adapt": "sqattn.peft.rank_task:AdaptiveLMTask",
     "diffusion": "sqattn.diffusion.tasks:DiffusionTask",

@@ -1,0 +1,319 @@
+"""Linear mode connectivity along training (papers/lmc.md): spawn children of a parent run at step k, measure the
+barrier between each pair of children and what predicts it, versus k.
+
+Every run is an ordinary trainer run (``sqattn.train.train_and_evaluate``) in ``<workdir>/<part>/...``:
+parents are trained in segments so a checkpoint exists at each spawn step (``lmc.train_parent``); a child is
+``lmc.child_config(parent, k, data_seed)`` (the parent's checkpoint k, its own data order, the parent's remaining
+steps). Finished runs are reused, so a rerun only measures. Parts:
+
+* ``teacher``: the note's protocol on the teacher MLP (``teacher_lmc``: 32 -> 128 -> 128 -> 10 ReLU student of a
+  random 10-class teacher, 10k examples, batch 32, constant-LR AdamW). ``--parent_seeds`` parents (init seed s,
+  data seed 100 + s), 2 children per spawn step. Controls: independent initialisations (the parents' final states
+  against each other: different init and data order) and children of the final checkpoint trained ``--tail``
+  more steps (negative control).
+* ``lm``: the same on a byte LM of this project (``lm_tiny`` structure at ``--lm_d_model``/``--lm_layers``,
+  bytes of the stdlib, constant LR after warmup), children spawned at ``--lm_spawn_steps``.
+
+Per pair: train-loss barrier (chord form, 21 points, ``--num_batches`` train batches), eval-error barrier,
+a*, distance, displacement angle from the spawn point, B_H / B_g / B_q along the whole path, and per layer group
+(Dense layers of the MLP; embed / each block's mixer and MLP / final norm of the LM) the layer-wise barrier
+(other groups stay at child A) with its predictors. Writes ``results.json`` and ``lmc_<part>.png``.
+
+  python -m experiments.lmc --workdir=/tmp/lmc                          # both parts
+  python -m experiments.lmc --workdir=/tmp/lmc --parts=teacher --steps=1500
+
+Measured: see the tables at the end of this docstring (filled from a run of the default command).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+# name -> (default, help); flags of the same names (defined only when run as a program, like the other experiments)
+DEFAULTS: dict[str, tuple[Any, str]] = {
+    "workdir": ("/tmp/lmc", "output directory (runs, results.json, plots)"),
+    "parts": (["teacher", "lm"], "teacher and/or lm"),
+    "steps": (600, "teacher parent steps (children train the rest)"),
+    "spawn_steps": (["0", "10", "50", "200"], "teacher spawn steps k"),
+    "parent_seeds": (["0", "1"], "parent init seeds (data seed 100 + s)"),
+    "n_train": (10000, "teacher train examples"),
+    "lr": (3e-2, "teacher learning rate (constant after a 10-step warmup)"),
+    "width": (32, "teacher student hidden width"),
+    "tail": (60, "steps of the negative-control children spawned at the final step (0: none)"),
+    "num_batches": (16, "teacher train batches of the landscape (loss curves and predictors)"),
+    "eval_num_batches": (32, "teacher eval batches of the error curves"),
+    "alphas": (21, "interpolation points"),
+    "lm_steps": (200, "byte-LM parent steps"),
+    "lm_spawn_steps": (["0", "25", "100"], "byte-LM spawn steps"),
+    "lm_spawn_from": (["0"], "byte-LM parent seeds that get children (the others: independent-init control only)"),
+    "lm_d_model": (64, "byte-LM width"),
+    "lm_layers": (2, "byte-LM blocks"),
+    "lm_seq_len": (64, "byte-LM row length"),
+    "lm_num_batches": (4, "byte-LM landscape batches (of 16 rows)"),
+    "progress": (False, "progress bars of the trainer"),
+}
+
+
+def define_flags() -> None:
+    from sqattn.analysis import sweep
+    sweep.define_flags(DEFAULTS)
+
+
+def teacher_parent_config(seed: int, steps: int, n_train: int, lr: float, width: int, n_spawn: int):
+    from sqattn import configs
+    c = configs.get(f"teacher_lmc:seed={seed},data_seed={100 + seed},steps={steps},n_train={n_train},lr={lr},"
+                    f"width={width}")
+    c.keep_checkpoints = max(int(c.keep_checkpoints), n_spawn + 2)
+    return c
+
+
+def lm_parent_config(seed: int, steps: int, d_model: int, layers: int, seq_len: int, n_spawn: int):
+    from experiments.common import small_lm_config
+    c = small_lm_config(steps=steps, d_model=d_model, layers=layers, seq_len=seq_len, seed=seed)
+    c.data.seed = 100 + seed
+    c.optim.update(warmup_steps=min(20, steps // 10), min_lr_ratio=1.0)    # constant LR after warmup
+    c.keep_checkpoints = n_spawn + 2
+    c.eval_batches = 4
+    return c
+
+
+def _group_spec(params, part: str) -> dict[str, str]:
+    from sqattn.analysis import lmc
+    return lmc.default_groups(params, depth=None if part == "teacher" else 3)
+
+
+def run_part(part: str, root: str, parent_cfgs: dict[int, Any], spawn_steps: list[int], tail: int,
+             num_batches: int, eval_num_batches: int, alphas: int, progress: bool,
+             spawn_from: list[int] | None = None) -> dict[str, Any]:
+    """Trains (or reuses) parents and children and measures every pair; returns the part's records.
+
+    ``spawn_from``: the parent seeds that get children (default all); the others serve only as independent
+    initialisations for the positive control."""
+    from sqattn.analysis import lmc, sweep
+    rows, runs_log = [], []
+    finals = {}
+    t0 = time.perf_counter()
+    for seed, pcfg in parent_cfgs.items():
+        pwd = os.path.join(root, f"parent_s{seed}")
+        t = time.perf_counter()
+        lmc.train_parent(pcfg, pwd, spawn_steps if spawn_from is None or seed in spawn_from else [],
+                         progress=progress)
+        runs_log.append({"run": pwd, "wall_s": time.perf_counter() - t})
+        T = int(pcfg.num_steps)
+        finals[seed] = pwd
+        if spawn_from is not None and seed not in spawn_from:
+            continue
+        for k in spawn_steps + ([T] if tail > 0 else []):       # tail 0: no negative control
+            kids = []
+            for c in range(2):
+                cfg = lmc.child_config(pwd, k, data_seed=1000 + 10 * seed + c, extra_steps=tail if k == T else None,
+                                       parent_config=pcfg)
+                res = sweep.run_one(cfg, os.path.join(root, f"child_s{seed}_k{k}_c{c}"), progress=progress)
+                runs_log.append({"run": res.workdir, "status": res.status, "wall_s": res.wall_s, "error": res.error})
+                if res.status == "failed":
+                    print(f"  FAILED {res.workdir}: {res.error}")
+                kids.append(res)
+            if any(r.status == "failed" for r in kids):
+                continue
+            rows.append(dict(kind="control_final" if k == T else "spawn", seed=seed, k=k, a=kids[0].workdir,
+                             b=kids[1].workdir, base=(pwd, k)))
+    seeds = sorted(finals)
+    for i in range(len(seeds) - 1):
+        rows.append(dict(kind="control_independent", seed=seeds[i], k=-1, a=finals[seeds[i]],
+                         b=finals[seeds[i + 1]], base=None))
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    out = []
+    for r in rows:
+        ra, rb = lmc.load_run(r["a"]), lmc.load_run(r["b"])
+        base = lmc.load_run(r["base"][0], r["base"][1], datasets=False) if r["base"] else None
+        res = lmc.compare(ra, rb, base=base, num_batches=num_batches, eval_num_batches=eval_num_batches,
+                          alphas=alphas, groups=_group_spec(ra.params, part))
+        if base is not None:
+            fn = ra.loss_fn()
+            res["parent_loss_at_k"] = lmc.evaluate(fn, base.params, ra.batches("train", num_batches))["loss"]
+        res.update(kind=r["kind"], seed=r["seed"], k=r["k"])
+        out.append(res)
+        _print_row(res)
+    return {"pairs": out, "runs": runs_log, "train_wall_s": train_s, "measure_wall_s": time.perf_counter() - t1}
+
+
+def _print_row(res):
+    tb, eb, p = res["train"]["loss_barrier"], res.get("eval", {}).get("error_barrier", {}), res["predictors"]
+    layers = " ".join(f"{n}={v['train']['loss_barrier']['barrier']:.3g}" for n, v in res.get("layers", {}).items())
+    print(f"{res['kind']:>20} s{res['seed']} k={res['k']:>5}: B_loss={tb['barrier']:.4f} (a*={tb['a_star']:.2f}) "
+          f"B_err={eb.get('barrier', float('nan')):.4f} dist={res['distance']:.2f} "
+          f"angle={res.get('angle', float('nan')):.1f} B_H={p['B_H']:.4f} B_g={p['B_g']:.4f} B_q={p['B_q']:.4f} | "
+          f"{layers}", flush=True)
+
+
+def summarise(pairs: list[dict]) -> dict[str, Any]:
+    """Per spawn step: means over the parents' pairs; rank agreement of predictors and measured barriers."""
+    import numpy as np
+    from scipy.stats import spearmanr
+    table = {}
+    for res in pairs:
+        key = f"{res['kind']}:{res['k']}"
+        table.setdefault(key, []).append(res)
+    rows = []
+    for key, rs in table.items():
+        m = lambda f: float(np.mean([f(r) for r in rs]))    # noqa: E731
+        row = {"kind": rs[0]["kind"], "k": rs[0]["k"], "pairs": len(rs),
+               "loss_barrier": m(lambda r: r["train"]["loss_barrier"]["barrier"]),
+               "loss_barrier_mean_form": m(lambda r: r["train"]["loss_barrier"]["barrier_mean"]),
+               "a_star": m(lambda r: r["train"]["loss_barrier"]["a_star"]),
+               "eval_error_barrier": m(lambda r: r["eval"]["error_barrier"]["barrier"]),
+               "eval_error_end": m(lambda r: 0.5 * (r["eval"]["error_barrier"]["start"]
+                                                    + r["eval"]["error_barrier"]["end"])),
+               "distance": m(lambda r: r["distance"]),
+               "angle": m(lambda r: r.get("angle", float("nan"))),
+               "parent_loss_at_k": m(lambda r: r.get("parent_loss_at_k", float("nan"))),
+               "B_H": m(lambda r: r["predictors"]["B_H"]), "B_g": m(lambda r: r["predictors"]["B_g"]),
+               "B_q": m(lambda r: r["predictors"]["B_q"]),
+               "chord_gap_mid": m(lambda r: _mid_gap(r["train"]))}
+        for name in rs[0].get("layers", {}):
+            row[f"layer:{name}"] = m(lambda r: r["layers"][name]["train"]["loss_barrier"]["barrier"])
+            row[f"layer_B_q:{name}"] = m(lambda r: r["layers"][name]["predictors"]["B_q"])
+            row[f"layer_B_H:{name}"] = m(lambda r: r["layers"][name]["predictors"]["B_H"])
+        rows.append(row)
+    rows.sort(key=lambda r: (r["kind"] != "spawn", r["k"]))
+    meas, bh, bq, gap = [], [], [], []
+    lmeas, lbh, lbq = [], [], []
+    for r in pairs:
+        meas.append(r["train"]["loss_barrier"]["barrier"])
+        gap.append(_mid_gap(r["train"]))
+        bh.append(r["predictors"]["B_H"])
+        bq.append(r["predictors"]["B_q"])
+        for v in r.get("layers", {}).values():
+            lmeas.append(v["train"]["loss_barrier"]["barrier"])
+            lbh.append(v["predictors"]["B_H"])
+            lbq.append(v["predictors"]["B_q"])
+    sp = lambda a, b: float(spearmanr(a, b)[0]) if len(a) > 2 else float("nan")   # noqa: E731
+    rel = lambda a, b: float(np.median(np.abs(np.array(a) - np.array(b)) / np.maximum(np.abs(b), 1e-6)))  # noqa
+    return {"table": rows, "spearman_BH_vs_barrier": sp(bh, meas), "spearman_Bq_vs_barrier": sp(bq, meas),
+            "median_rel_err_Bq_vs_mid_gap": rel(bq, gap),
+            "layer_spearman_BH_vs_barrier": sp(lbh, lmeas), "layer_spearman_Bq_vs_barrier": sp(lbq, lmeas)}
+
+
+def _mid_gap(curve: dict) -> float:
+    """phi(1/2) - chord(1/2) of a curve (what B_q estimates)."""
+    import numpy as np
+    a, v = np.asarray(curve["alpha"]), np.asarray(curve["loss"])
+    i = int(np.argmin(np.abs(a - 0.5)))
+    return float(v[i] - (1 - a[i]) * v[0] - a[i] * v[-1])
+
+
+def plot(part: str, pairs: list[dict], summary: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    spawn = [r for r in summary["table"] if r["kind"] == "spawn"]
+    ks = np.array([max(r["k"], 1) for r in spawn], float)
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.5))
+    ax[0].plot(ks, [r["loss_barrier"] for r in spawn], "o-", label="train-loss barrier")
+    ax[0].plot(ks, [r["eval_error_barrier"] for r in spawn], "s-", label="eval-error barrier")
+    ax[0].plot(ks, [r["B_q"] for r in spawn], "x--", label="B_q (quadrature)")
+    ax[0].plot(ks, [r["B_H"] for r in spawn], "+:", label="B_H (midpoint Hessian)")
+    for r in summary["table"]:
+        if r["kind"] == "control_independent":
+            ax[0].axhline(r["loss_barrier"], color="r", lw=0.8, ls="--", label="independent inits (loss)")
+        if r["kind"] == "control_final":
+            ax[0].axhline(r["loss_barrier"], color="g", lw=0.8, ls="--", label="children of the final step")
+    ax[0].set(xscale="log", xlabel="spawn step k (0 drawn at 1)", ylabel="barrier", title=f"{part}: barrier vs k")
+    ax[0].legend(fontsize=7)
+    ax[1].plot(ks, [r["angle"] for r in spawn], "o-")
+    ax[1].set(xscale="log", xlabel="spawn step k", ylabel="degrees", title="displacement angle of the children")
+    for name in [k.split(":", 1)[1] for k in spawn[0] if k.startswith("layer:")] if spawn else []:
+        ax[2].plot(ks, [r[f"layer:{name}"] for r in spawn], "o-", label=name)
+    ax[2].plot(ks, [r["loss_barrier"] for r in spawn], "k--", label="whole network")
+    ax[2].set(xscale="log", xlabel="spawn step k", ylabel="train-loss barrier", title="layer-wise barriers")
+    ax[2].legend(fontsize=6)
+    meas = [r["train"]["loss_barrier"]["barrier"] for r in pairs]
+    gap = [_mid_gap(r["train"]) for r in pairs]
+    ax[3].scatter(gap, [r["predictors"]["B_q"] for r in pairs], label="B_q vs chord gap at 1/2")
+    ax[3].scatter(meas, [r["predictors"]["B_H"] for r in pairs], marker="+", label="B_H vs barrier")
+    lm = [v["train"]["loss_barrier"]["barrier"] for r in pairs for v in r.get("layers", {}).values()]
+    lq = [v["predictors"]["B_q"] for r in pairs for v in r.get("layers", {}).values()]
+    ax[3].scatter(lm, lq, marker=".", label="layer B_q vs layer barrier")
+    lim = max([1e-3] + meas + gap)
+    ax[3].plot([0, lim], [0, lim], "k:", lw=0.8)
+    ax[3].set(xlabel="measured", ylabel="predicted", title="predictors")
+    ax[3].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv):
+    del argv
+    o = SimpleNamespace(**{k: FLAGS[k].value for k in DEFAULTS})
+    import jax
+    from experiments.common import quiet_logging
+    from sqattn.analysis import lmc
+    from sqattn.train.trainer import enable_compilation_cache
+    quiet_logging()
+    enable_compilation_cache()
+    jax.config.update("jax_default_matmul_precision", "highest")
+    os.makedirs(o.workdir, exist_ok=True)
+    path = os.path.join(o.workdir, "results.json")
+    results: dict[str, Any] = {}
+    if os.path.exists(path):               # keep the parts not rerun now
+        with open(path) as f:
+            results = json.load(f)
+    run_flags = vars(o)
+    t0 = time.perf_counter()
+    for part in o.parts:
+        if part == "teacher":
+            spawn = sorted(int(k) for k in o.spawn_steps)
+            cfgs = {int(s): teacher_parent_config(int(s), o.steps, o.n_train, o.lr, o.width,
+                                                len(spawn))
+                    for s in o.parent_seeds}
+            nb, enb = o.num_batches, o.eval_num_batches
+            tail = o.tail
+        elif part == "lm":
+            spawn = sorted(int(k) for k in o.lm_spawn_steps)
+            cfgs = {int(s): lm_parent_config(int(s), o.lm_steps, o.lm_d_model, o.lm_layers,
+                                             o.lm_seq_len, len(spawn)) for s in o.parent_seeds}
+            nb = enb = o.lm_num_batches
+            tail = max(o.lm_steps // 10, 1)
+        else:
+            raise app.UsageError(f"unknown part {part!r}; expected teacher or lm")
+        print(f"== {part}: spawn at {spawn}, parents {sorted(cfgs)}", flush=True)
+        spawn_from = None if part == "teacher" else [int(x) for x in o.lm_spawn_from]
+        rec = run_part(part, os.path.join(o.workdir, part), cfgs, spawn, tail, nb, enb, o.alphas,
+                       o.progress, spawn_from=spawn_from)
+        rec["flags"] = run_flags
+        rec["summary"] = summarise(rec["pairs"])
+        rec["plot"] = plot(part, rec["pairs"], rec["summary"], os.path.join(o.workdir, f"lmc_{part}.png"))
+        results[part] = rec
+        print_table(part, rec["summary"])
+        results[f"{part}_wall_s"] = time.perf_counter() - t0
+        lmc.write_json(path, results)
+    print(json.dumps({p: results[p]["summary"] for p in o.parts}, indent=1, default=float)[:6000])
+
+
+def print_table(part: str, summary: dict) -> None:
+    rows = summary["table"]
+    layer_keys = [k for k in rows[0] if k.startswith("layer:")] if rows else []
+    head = ["kind", "k", "loss_barrier", "eval_error_barrier", "eval_error_end", "a_star", "distance", "angle",
+            "parent_loss_at_k", "B_H", "B_g", "B_q", "chord_gap_mid"] + layer_keys
+    print(f"\n{part}:\n| " + " | ".join(h.replace("layer:", "L:") for h in head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h]) for h in head) + " |")
+    print({k: round(v, 3) for k, v in summary.items() if k != "table"}, flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
