@@ -30,6 +30,15 @@ from sqattn.peft import adaptive, allocator, rank_task
 
 METHODS = ("lora",) + adaptive.ADAPTIVE_METHODS
 
+ARMS = {   # experiment arm -> (peft.method, extra rank_synth args)
+    "lora": ("lora", ""),
+    "triadapt": ("triadapt", "schedule=linear"),
+    "triadapt_exp": ("triadapt", "schedule=exp"),
+    "triadapt_rescale": ("triadapt", "schedule=linear,rescale=True"),
+    "adalora": ("adalora", ""),
+    "increlora": ("increlora", ""),
+}
+
 
 def peft_config(method: str, targets: str, *, rank: int = 4, alpha: float = 8.0, budget: int = 0,
                 init_rank: int = -1, max_rank: int = -1, grow_rank: int = -1, orth_reg: float = -1.0,
@@ -115,4 +124,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if a.method != "lora":
             c.peft.update(warmup=0, final=0)
     c.eval_batches = math.ceil(c.data.n_test / c.batch_size)
+    return c
+
+
+def synth_run_config(arm: str, seed: int, steps: int, sens_every: int):
+    """The ``rank_synth`` config of one arm of experiments/adaptive_rank.py (per-step logging; adaptive arms
+    record the same-batch loss jump at each allocation)."""
+    from sqattn import configs
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; known: {sorted(ARMS)}")
+    method, extra = ARMS[arm]
+    args = f"method={method},seed={seed},steps={steps},sens_every={sens_every}" + (f",{extra}" if extra else "")
+    c = configs.get(f"rank_synth:{args}")
+    c.log_every = 1
+    if method != "lora":
+        c.peft.measure_jump = True
     return c

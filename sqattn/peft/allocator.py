@@ -12,7 +12,9 @@ defaults): ``interval`` (steps between allocations, 10), ``warmup`` (t_w: no all
 ``final`` (t_f: the schedule must be complete at T - t_f, 0), ``schedule`` ("linear" | "exp", TriAdaptLoRA),
 ``rescale`` (TriAdaptLoRA: multiply C by r_new / r_old at growth so dW is continuous), ``sens_every``
 (steps between sensitivity samples, AdaLoRA/IncreLoRA, 1), ``beta1``/``beta2`` (EMAs, 0.85/0.85),
-``top_h`` (IncreLoRA modules grown per allocation, 1).
+``top_h`` (IncreLoRA modules grown per allocation, 1), ``measure_jump`` (each event also carries
+``loss_before``/``loss_after``: the task loss, without the regulariser, on the next step's batch with the old
+and the new adapters, two extra forward passes, for the loss-smoothness measurement; False).
 
 - ``triadapt`` (TriAdaptLoRA, hook every ``interval``): importance ``s_k = ||C_k||_F / n_k - prev_k`` (n_k the
   number of active growth blocks; no gradient); ``n = floor(gap p)`` (linear) or ``floor(gap^p)`` (exp) modules
@@ -57,7 +59,7 @@ __all__ = ["AdaLoRAAllocator", "IncreLoRAAllocator", "TriAdaptAllocator", "cubic
            "make_allocator", "num_to_grow", "settings"]
 
 DEFAULTS = dict(interval=10, warmup=0, final=0, schedule="linear", rescale=False, sens_every=1, beta1=0.85,
-                beta2=0.85, top_h=1)
+                beta2=0.85, top_h=1, measure_jump=False)
 
 
 def settings(config) -> dict:
@@ -66,6 +68,7 @@ def settings(config) -> dict:
     peft = config.peft
     out = {k: type(v)(peft.get(k, v)) for k, v in DEFAULTS.items()}
     out["rescale"] = bool(peft.get("rescale", False))
+    out["measure_jump"] = bool(peft.get("measure_jump", False))
     out.update(adaptive.resolve_settings(peft.method, int(peft.rank), int(peft.get("init_rank", -1)),
                                          int(peft.get("max_rank", -1)), int(peft.get("grow_rank", -1)),
                                          float(peft.get("orth_reg", -1.0))))
@@ -178,6 +181,7 @@ class RankAllocator:
         self._score_wall = 0.0
         self._score_calls = 0
         self.compile_s = 0.0
+        self._loss_fn = None
 
     # --- helpers
     def modules(self, state) -> list[tuple[tuple, dict]]:
@@ -223,6 +227,23 @@ class RankAllocator:
         self._score_wall += time.perf_counter() - t0
         self._score_calls += 1
         return [np.asarray(o, np.float64) for o in out]
+
+    def finish(self, step: int, state: dict, ctx, updates: dict, mods, before, after, t0: float, **extra) -> dict:
+        """The new state with ``updates`` applied, and the allocation event (with the same-batch loss before
+        and after when ``measure_jump``)."""
+        new_state = dict(state, params=_replace_leaves(state["params"], updates))
+        wall = time.perf_counter() - t0
+        if self.s["measure_jump"]:
+            if self._loss_fn is None:
+                def task_loss(p, b):     # the loss without the orthogonality regulariser (which growth changes)
+                    loss, metrics = ctx.task.loss_fn(nnx.merge(ctx.graphdef, p), b, jax.random.key(0))
+                    return loss - metrics.get("orth_reg", 0.0)
+                self._loss_fn = jax.jit(task_loss)
+            batch = ctx.train_batch(step)
+            extra.update(loss_before=float(self._loss_fn(state["params"], batch)),
+                         loss_after=float(self._loss_fn(new_state["params"], batch)))
+        self._event(step, mods, before, after, wall, **extra)
+        return new_state
 
     def _make_score_fn(self, ctx, paths):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -289,9 +310,8 @@ class TriAdaptAllocator(RankAllocator):
                 for key in ("ada_core_low", "ada_core_up"):
                     updates[path + (key,)] = jax.device_get(sub[key]) * np.float32(r1 / r0)
         grown = score[new > ranks]
-        self._event(step, mods, ranks, new, time.perf_counter() - t0, progress=p, modules_grown=int(n),
-                    threshold=float(grown.min()) if grown.size else None)
-        return dict(state, params=_replace_leaves(state["params"], updates))
+        return self.finish(step, state, ctx, updates, mods, ranks, new, t0, progress=p, modules_grown=int(n),
+                           threshold=float(grown.min()) if grown.size else None)
 
     def state_dict(self) -> dict:
         return {"prev": self.prev}
@@ -377,9 +397,8 @@ class AdaLoRAAllocator(_SensitivityAllocator):
             updates[path + ("ada_mask",)] = new_masks[j]
             e = np.asarray(jax.device_get(sub["ada_e"]))
             updates[path + ("ada_e",)] = np.where(new_masks[j] > 0, e, 0.0).astype(e.dtype)
-        self._event(step, mods, masks.sum(1), new_masks.sum(1), time.perf_counter() - t0, budget_now=int(b),
-                    final=bool(final))
-        return dict(state, params=_replace_leaves(state["params"], updates))
+        return self.finish(step, state, ctx, updates, mods, masks.sum(1), new_masks.sum(1), t0, budget_now=int(b),
+                           final=bool(final))
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), frozen=self.frozen)
@@ -424,8 +443,7 @@ class IncreLoRAAllocator(_SensitivityAllocator):
                          gap, fill)
         updates = {path + ("ada_mask",): _prefix_mask(int(r1), s["max_rank"])
                    for (path, _), r0, r1 in zip(mods, ranks, new) if r1 != r0}
-        self._event(step, mods, ranks, new, time.perf_counter() - t0)
-        return dict(state, params=_replace_leaves(state["params"], updates))
+        return self.finish(step, state, ctx, updates, mods, ranks, new, t0)
 
 
 def _get_leaf(params: dict, key: tuple):

@@ -16,7 +16,9 @@ outputs, plus the adapters' orthogonality regulariser (``adaptive.regularizer``)
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,7 @@ from sqattn.peft import adaptive
 from sqattn.train.tasks import LMTask
 
 __all__ = ["AdaptiveLMTask", "RankMLP", "RankSynthTask", "SynthBatches", "layer_names", "perturbations",
-           "teacher_weights"]
+           "run_summary", "teacher_weights"]
 
 
 def layer_names(num_layers: int) -> list[str]:
@@ -171,3 +173,41 @@ class AdaptiveLMTask(LMTask):
         loss, metrics = super().loss_fn(model, batch, rng)
         reg = adaptive.regularizer(model)
         return loss + reg, dict(metrics, orth_reg=reg)
+
+
+def run_summary(workdir: str, true_ranks=None) -> dict:
+    """Final ranks, allocation timings and loss jumps from a run's metrics.jsonl, active params from its
+    checkpoint."""
+    from sqattn import sample
+    from sqattn.peft import lora
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    events = [r for r in recs if r.get("event") == "rank_allocation"]
+    model, _ = sample.load_model(workdir)
+    mods = adaptive.adapter_modules(model)
+    if mods:
+        ranks = {p: int(sum(float(v) for v in m.ada_mask[...])) for p, m in mods}
+        params = sum(m.active_params() for _, m in mods)
+    else:
+        ranks = {lora._path_str(p): int(n.rank) for p, n in lora._modules(model, lora.LoRADense)}
+        params = lora.count_params(model, lora.LoRAParam)
+    changed = [e for e in events if e["changed"]]
+    jumps = [(e["loss_after"] - e["loss_before"]) / max(e["loss_before"], 1e-12) for e in changed
+             if "loss_before" in e]
+    out = {"ranks": ranks, "active_params": int(params), "events": len(changed),
+           "alloc_ms_per_event": (1e3 * sum(e["alloc_wall_s"] + e["score_wall_s"] for e in events)
+                                  / max(len(changed), 1)) if events else 0.0,
+           "host_alloc_ms_per_event": (1e3 * sum(e["alloc_wall_s"] for e in events) / max(len(changed), 1))
+           if events else 0.0,
+           "score_compile_s": events[-1]["score_compile_s"] if events else 0.0,
+           "jump_mean": float(sum(jumps) / len(jumps)) if jumps else 0.0,
+           "jump_max": float(max(jumps)) if jumps else 0.0,
+           "last_event_step": events[-1]["step"] if events else 0}
+    if true_ranks is not None:
+        import numpy as np
+        from scipy import stats
+        final = [ranks[n] for n in layer_names(len(true_ranks))]
+        out["spearman"] = (float(stats.spearmanr(final, true_ranks).statistic)
+                           if len(set(final)) > 1 else float("nan"))
+        out["rank_error"] = float(np.abs(np.array(final) - np.array(true_ranks)).sum())
+    return out

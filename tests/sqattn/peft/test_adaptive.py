@@ -259,7 +259,7 @@ def test_allocator_schedule_meets_the_budget_exactly(method, extra):
 
 
 def test_triadapt_rescale_keeps_delta_w_at_growth():
-    c = _alloc_config("triadapt", rescale=True)
+    c = _alloc_config("triadapt", rescale=True, measure_jump=True)
     hook = adaptive.make_hook(c)
     ctx, state = _ctx_and_state(c)
     model_before = nnx.merge(ctx.graphdef, state["params"])
@@ -274,6 +274,8 @@ def test_triadapt_rescale_keeps_delta_w_at_growth():
     model_after = nnx.merge(ctx.graphdef, new["params"])
     for d0, (_, m) in zip(dw, adaptive.adapter_modules(model_after)):
         assert_close(m.delta_kernel(), d0, jnp.float32, "dW across a rescaled growth")
+    ev = hook.events[-1]
+    assert abs(ev["loss_after"] - ev["loss_before"]) <= 1e-5 * ev["loss_before"]    # continuous: no jump
     hook2 = adaptive.make_hook(c)
     hook2.load_state_dict(hook.state_dict())
     assert hook2.prev == hook.prev
