@@ -36,23 +36,27 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "output directory", required=True)
-flags.DEFINE_integer("steps", 160, "scratch steps (fixes the FLOP budget F)")
-flags.DEFINE_integer("layers", 4, "target depth")
-flags.DEFINE_integer("d_model", 64, "width")
-flags.DEFINE_integer("seq_len", 64, "bytes per row")
-flags.DEFINE_integer("batch_size", 16, "rows per step")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "init seeds")
-flags.DEFINE_list("gs", ["4", "2"], "growth factors")
-flags.DEFINE_list("fractions", ["0.1", "0.2", "0.4"], "growth points d as fractions of F")
-flags.DEFINE_list("g2_fractions", ["0.2"], "fractions for growth factors other than the first")
-flags.DEFINE_integer("op_g", 4, "g of the G_zero / G_random arms")
-flags.DEFINE_float("op_fraction", 0.2, "d of the G_zero / G_random arms")
-flags.DEFINE_list("ops", ["zero", "random"], "other operators to run")
-flags.DEFINE_string("base", "lm", "target family: lm (attention) or sse_h (sse_h_tiny: 'SSSA')")
-flags.DEFINE_string("order", "stack", "stacking order (stack | interleave | by_kind)")
-flags.DEFINE_integer("base_layers", 0, "base depth for --base=sse_h (0 = layers / g)")
-flags.DEFINE_boolean("progress", False, "progress bars")
+
+
+def define_flags() -> None:
+    """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
+    flags.DEFINE_string("workdir", None, "output directory", required=True)
+    flags.DEFINE_integer("steps", 160, "scratch steps (fixes the FLOP budget F)")
+    flags.DEFINE_integer("layers", 4, "target depth")
+    flags.DEFINE_integer("d_model", 64, "width")
+    flags.DEFINE_integer("seq_len", 64, "bytes per row")
+    flags.DEFINE_integer("batch_size", 16, "rows per step")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "init seeds")
+    flags.DEFINE_list("gs", ["4", "2"], "growth factors")
+    flags.DEFINE_list("fractions", ["0.1", "0.2", "0.4"], "growth points d as fractions of F")
+    flags.DEFINE_list("g2_fractions", ["0.2"], "fractions for growth factors other than the first")
+    flags.DEFINE_integer("op_g", 4, "g of the G_zero / G_random arms")
+    flags.DEFINE_float("op_fraction", 0.2, "d of the G_zero / G_random arms")
+    flags.DEFINE_list("ops", ["zero", "random"], "other operators to run")
+    flags.DEFINE_string("base", "lm", "target family: lm (attention) or sse_h (sse_h_tiny: 'SSSA')")
+    flags.DEFINE_string("order", "stack", "stacking order (stack | interleave | by_kind)")
+    flags.DEFINE_integer("base_layers", 0, "base depth for --base=sse_h (0 = layers / g)")
+    flags.DEFINE_boolean("progress", False, "progress bars")
 
 
 def target_config(seed: int):
@@ -91,10 +95,12 @@ def base_config(target, layers: int, pattern: str | None, fractions, budget: flo
     if pattern:
         cfg.model.block_pattern = pattern
     per = flops_per_step(cfg)
-    steps = {f: max(1, round(f * budget / per)) for f in fractions}
+    # growth points on a common grid (multiples of the smallest), so every one of them is a kept checkpoint
+    unit = max(1, round(min(fractions) * budget / per))
+    steps = {f: unit * max(1, round(f / min(fractions))) for f in fractions}
     cfg.num_steps = max(steps.values())
     cfg.checkpoint_every = math.gcd(*steps.values())
-    cfg.keep_checkpoints = len(steps) + 1
+    cfg.keep_checkpoints = cfg.num_steps // cfg.checkpoint_every + 1
     cfg.eval_every = cfg.checkpoint_every
     cfg.log_every = 1                     # train_flops at every growth point
     cfg.optim.warmup_steps = max(1, cfg.num_steps // 20)
@@ -228,7 +234,8 @@ def format_table(table: dict) -> str:
         sp = ("not reached" if t["speedup_mean"] is None else
               f"{t['speedup_mean']:+.1%} [{t['speedup_min']:+.1%}, {t['speedup_max']:+.1%}]")
         ex = "-" if t["speedup_excl_base_mean"] is None else f"{t['speedup_excl_base_mean']:+.1%}"
-        lines.append(f"| {name} | {t['final_bpb_mean']:.4f} ± {t['final_bpb_std']:.4f} | {t['reached']} | {sp} | {ex} |")
+        bpb = f"{t['final_bpb_mean']:.4f} ± {t['final_bpb_std']:.4f}"
+        lines.append(f"| {name} | {bpb} | {t['reached']} | {sp} | {ex} |")
     return "\n".join(lines)
 
 
@@ -255,4 +262,5 @@ def plot(arms: dict, path: str) -> str:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

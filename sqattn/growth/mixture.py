@@ -63,9 +63,9 @@ class TemplateDense(nnx.Module):
         self.templates = nnx.List([nnx.Param(std * jax.random.normal(rngs.params(), (k, in_b, out_b)),
                                              axes=(None, None, None)) for _ in range(2)])
         nb = 4 if split == "both" else 2
-        q = np.linalg.qr(np.asarray(jax.random.normal(rngs.params(), (max(nb, k), max(nb, k)))))[0][:nb, :k]
-        q = q / np.linalg.norm(q, axis=1, keepdims=True)                     # unit-norm coefficient rows
-        self.coefs = nnx.List([nnx.Param(jnp.asarray(q[b], jnp.float32), axes=(None,)) for b in range(nb)])
+        q = jnp.linalg.qr(jax.random.normal(rngs.params(), (max(nb, k), max(nb, k))))[0][:nb, :k]
+        q = q / jnp.linalg.norm(q, axis=1, keepdims=True)                    # unit-norm coefficient rows
+        self.coefs = nnx.List([nnx.Param(q[b].astype(jnp.float32), axes=(None,)) for b in range(nb)])
         self.bias = nnx.List([nnx.Param(jnp.zeros((out_b,), jnp.float32), axes=(None,)) for _ in range(2)])
 
     def block(self, b: int) -> jax.Array:
