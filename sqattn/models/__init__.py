@@ -12,6 +12,8 @@ MODELS = {
     "dcn": "sqattn.models.ctr:DCN",
     "fcn": "sqattn.models.ctr:FCN",
     "bearing_mlp": "sqattn.science.bearing.model:BearingMLP",
+    "vit": "sqattn.models.vit:ViT",
+    "vit_sema": "sqattn.models.sema:SEMAViT",
     "fade_lm": "sqattn.growth.fade:FadeLM",
     "template_mlp": "sqattn.growth.mixture:TemplateMLP",
     "mlp": "sqattn.models.mlp:MLP",
