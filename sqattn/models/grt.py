@@ -9,7 +9,7 @@ whose Jensen-Shannon divergence to an earlier kept scene is below ``delta`` are 
 with that scene's (mean or first) and passed on once. Residual tokens keep their frame index and patch position.
 
 The encoder is a small ViT over the variable-length set of gated tokens of each frame (bidirectional attention
-with a key-padding mask, learned patch-position table, sinusoidal time embedding), run through
+with a key-padding mask, learned patch-position table, optional sinusoidal time embedding), run through
 ``BucketedEncoder``: each frame's set is padded to the smallest bucket length, frames are batched ``batch_rows`` at a
 time, so at most ``len(buckets)`` shapes compile; every new shape is logged and kept in ``compiled_shapes``.
 
@@ -67,6 +67,14 @@ def unpatchify(patches: jax.Array, p: int, h: int, w: int) -> jax.Array:
     return x.reshape(*lead, h, w, c)
 
 
+def _patch_mean(x: jax.Array, p: int) -> jax.Array:
+    """Per-patch mean per channel without a transpose: [..., H, W, C] -> [..., N, C]."""
+    *lead, h, w, c = x.shape
+    _check_patch(h, w, p)
+    m = x.reshape(*lead, h // p, p, w // p, p, c).mean((-4, -2))            # [..., hp, wp, C]
+    return m.reshape(*lead, (h // p) * (w // p), c)
+
+
 def patch_ssim(a: jax.Array, b: jax.Array, p: int, *, data_range: float = 1.0, k1: float = 0.01,
                k2: float = 0.03) -> jax.Array:
     """Per-patch SSIM with one global window per p x p patch, per channel, averaged over channels.
@@ -76,12 +84,11 @@ def patch_ssim(a: jax.Array, b: jax.Array, p: int, *, data_range: float = 1.0, k
     """
     if a.shape != b.shape:
         raise ValueError(f"patch_ssim: shapes differ {a.shape} vs {b.shape}")
-    c = a.shape[-1]
-    xa = patchify(a.astype(jnp.float32), p).reshape(*a.shape[:-3], -1, p * p, c)   # [..., N, p*p, C]
-    xb = patchify(b.astype(jnp.float32), p).reshape(*b.shape[:-3], -1, p * p, c)
-    mu_a, mu_b = xa.mean(-2), xb.mean(-2)                                            # [..., N, C]
-    da, db = xa - mu_a[..., None, :], xb - mu_b[..., None, :]
-    var_a, var_b, cov = (da * da).mean(-2), (db * db).mean(-2), (da * db).mean(-2)
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    mu_a, mu_b = _patch_mean(a, p), _patch_mean(b, p)                                 # [..., N, C]
+    var_a = _patch_mean(a * a, p) - mu_a ** 2                                         # E[x^2] - E[x]^2
+    var_b = _patch_mean(b * b, p) - mu_b ** 2
+    cov = _patch_mean(a * b, p) - mu_a * mu_b
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return s.mean(-1)                                                                # [..., N]
@@ -89,7 +96,7 @@ def patch_ssim(a: jax.Array, b: jax.Array, p: int, *, data_range: float = 1.0, k
 
 def patch_abs_diff(a: jax.Array, b: jax.Array, p: int) -> jax.Array:
     """Mean |a - b| per patch: [..., H, W, C] -> [..., N]."""
-    return patchify(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)), p).mean(-1)
+    return _patch_mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)), p).mean(-1)
 
 
 # -- Jensen-Shannon divergence ---------------------------------------------------------------------------------------
@@ -185,17 +192,15 @@ def _to_float(frames) -> jax.Array:
     return frames.astype(jnp.float32) / 255.0 if frames.dtype == jnp.uint8 else frames.astype(jnp.float32)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Gate:
-    p: int
-    tau: float
-    min_abs_diff: float
+def _gate(a, b, p: int, tau, min_abs_diff):
+    """[..., H, W, C] pair -> [..., N] bool: SSIM < tau and (min_abs_diff <= 0 or mean |a - b| > min_abs_diff)."""
+    g = patch_ssim(a, b, p) < tau
+    return g & ((min_abs_diff <= 0) | (patch_abs_diff(a, b, p) > min_abs_diff))
 
-    def __call__(self, a, b):  # [..., H, W, C] -> [..., N] bool
-        g = patch_ssim(a, b, self.p) < self.tau
-        if self.min_abs_diff > 0:
-            g &= patch_abs_diff(a, b, self.p) > self.min_abs_diff
-        return g
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _gate_jit(a, b, p, tau, min_abs_diff):
+    return _gate(a, b, p, tau, min_abs_diff)
 
 
 def gate_pairs(a: jax.Array, b: jax.Array, cfg: GRTConfig) -> jax.Array:
@@ -203,20 +208,14 @@ def gate_pairs(a: jax.Array, b: jax.Array, cfg: GRTConfig) -> jax.Array:
     return _gate_jit(a, b, cfg.patch, cfg.tau, cfg.min_abs_diff)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _gate_jit(a, b, p, tau, min_abs_diff):
-    return _Gate(p, tau, min_abs_diff)(a, b)
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(2,))
 def _gate_decoded(x, is_key, p, tau, min_abs_diff):
     """Gate against the decoder canvas (the last tokenized version of each patch), scanned over frames."""
-    gate_fn = _Gate(p, tau, min_abs_diff)
     h, w = x.shape[1:3]
 
     def step(canvas, inp):                                             # canvas [N, P]
         frame, key = inp
-        g = gate_fn(frame, unpatchify(canvas, p, h, w)) | key          # [N]
+        g = _gate(frame, unpatchify(canvas, p, h, w), p, tau, min_abs_diff) | key   # [N]
         canvas = jnp.where(g[:, None], patchify(frame, p), canvas)
         return canvas, g
 
@@ -358,7 +357,7 @@ def native_psnr(canvases: np.ndarray, sample_native_index: np.ndarray, native_fr
     hold = np.searchsorted(sample_native_index, np.arange(len(native_frames)), side="right") - 1
     if hold[0] < 0:
         raise ValueError("native_psnr: the first native frame precedes every sampled frame")
-    return psnr(canvases[hold], np.asarray(native_frames, np.float32) / 255.0)
+    return psnr(canvases[hold], np.asarray(_to_float(native_frames)))   # the canvases' own uint8 -> float path
 
 
 def patches_touching(box: tuple[int, int, int, int], p: int, width: int) -> np.ndarray:
@@ -414,13 +413,17 @@ class GRTEncoder(nnx.Module):
 
     ``__call__(patches [B, L, P] float, positions [B, L] int patch index, times [B] seconds, mask [B, L] bool)``
     -> tokens [B, L, d] (zero at padding). Attention is bidirectional among the valid tokens of each row.
+    Every token carries its patch position (learned table); its frame index travels with it as a tag
+    (``BucketedEncoder.encode`` returns ``frame``/``patch`` per token), and ``time_embed=True`` also adds a
+    sinusoidal embedding of the frame time to the token (off by default: the ViT never mixes frames, and a time
+    term in a random-init token swamps content in mean-token statistics such as the merge JSD).
     """
 
     def __init__(self, *, patch_dim: int, num_patches: int, d_model: int = 64, num_layers: int = 2,
-                 num_heads: int = 4, mlp_dim: int = 128, rngs: nnx.Rngs):
+                 num_heads: int = 4, mlp_dim: int = 128, time_embed: bool = False, rngs: nnx.Rngs):
         if d_model % num_heads:
             raise ValueError(f"GRTEncoder: d_model={d_model} not divisible by num_heads={num_heads}")
-        self.d_model, self.num_patches = d_model, num_patches
+        self.d_model, self.num_patches, self.time_embed = d_model, num_patches, time_embed
         self.embed = Dense(patch_dim, d_model, axes=(None, "embed"), rngs=rngs, use_bias=True)
         self.pos = param(rngs, jax.nn.initializers.normal(0.5), (num_patches, d_model), (None, "embed"))
         out_scale = 1.0 / (2 * num_layers) ** 0.5
@@ -430,7 +433,8 @@ class GRTEncoder(nnx.Module):
 
     def __call__(self, patches: jax.Array, positions: jax.Array, times: jax.Array, mask: jax.Array) -> jax.Array:
         x = self.embed(patches - 0.5) + jnp.take(self.pos[...], positions, axis=0)   # [B,L,d]
-        x = x + time_embedding(times, self.d_model)[:, None, :]
+        if self.time_embed:
+            x = x + time_embedding(times, self.d_model)[:, None, :]
         for blk in self.blocks:
             x = blk(x, mask)
         return jnp.where(mask[..., None], self.final_norm(x), 0.0)

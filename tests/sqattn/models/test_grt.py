@@ -180,7 +180,7 @@ def test_reconstruction_psnr_and_recall():
 
 def _encoder(n=16, p=4):
     return grt.GRTEncoder(patch_dim=p * p * 3, num_patches=n, d_model=32, num_layers=2, num_heads=4, mlp_dim=64,
-                          rngs=nnx.Rngs(0))
+                          time_embed=True, rngs=nnx.Rngs(0))
 
 
 def test_encoder_padding_and_order_invariance():
