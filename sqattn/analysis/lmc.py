@@ -8,7 +8,8 @@ Definitions (lmc.md, used exactly):
 * barrier (chord form) B = max_a [phi(a) - ((1 - a) phi(0) + a phi(1))], reported with a* = argmax; also
   ``barrier_mean`` = max_a phi(a) - (phi(0) + phi(1)) / 2 (Frankle et al.) and ``barrier_max`` = max_a phi(a) -
   max(phi(0), phi(1)). phi is the run's own task loss (the training objective ``task.loss_fn``) or its error.
-* predictors along d = M Delta with phi''(s) = d^T H(theta(s)) d (forward-over-forward JVP, H never formed):
+* predictors along d = M Delta with phi''(s) = d^T H(theta(s)) d (second derivative in the scalar s, H never
+  formed):
   B_H = -phi''(1/2) / 8;  B_g = (grad L(theta(0)) - grad L(theta(1)))^T d / 8;
   B_q = -sum_i w_i G_{1/2}(s_i) phi''(s_i) (Gauss-Legendre on [0, 1/2] and [1/2, 1], where the Green's function
   G_{1/2}(s) = s/2 resp. (1 - s)/2 is smooth), which equals the chord gap at a = 1/2 up to quadrature error.
@@ -185,8 +186,8 @@ def _compiled(kind: str, loss_fn: LossFn, chunk: int):
     if key in _COMPILED:
         return _COMPILED[key]
 
-    def bs(grid):
-        return max(1, min(int(chunk), grid.shape[0]))
+    def bs(grid):     # chunk 0: the whole grid in one vmap (one body to compile, no remainder chunk)
+        return grid.shape[0] if chunk <= 0 else max(1, min(int(chunk), grid.shape[0]))
 
     if kind == "curve":
         def fn(pa, pb, mask, stacked, grid):
@@ -202,8 +203,10 @@ def _compiled(kind: str, loss_fn: LossFn, chunk: int):
             def phi(t):
                 return f(jax.tree.map(lambda a, dd: a + t * dd, pa, d))
 
-            def curv(t):   # phi''(t) = d^T H(theta(t)) d, forward-over-forward
-                return jax.jvp(lambda u: jax.jvp(phi, (u,), (jnp.ones_like(u),))[1], (t,), (jnp.ones_like(t),))[1]
+            def curv(t):   # phi''(t) = d^T H(theta(t)) d: second derivative of a scalar function of the scalar t.
+                # Reverse over reverse, not forward over forward: models with custom_vjp kernels (attention) have
+                # no forward-mode rule; two reverse passes over one scalar cost about as much, and H is never formed.
+                return jax.grad(jax.grad(phi))(t)
 
             c = jax.lax.map(curv, grid, batch_size=bs(grid))
             g0 = jax.grad(f)(pa)
@@ -219,7 +222,7 @@ def _ones(params: Params) -> Params:
 
 def interpolation_curve(loss_fn: LossFn, pa: Params, pb: Params, batches: Sequence[dict], *,
                         alphas: int | Sequence[float] = 21, mask: Params | None = None,
-                        chunk: int = 8) -> dict[str, np.ndarray]:
+                        chunk: int = 0) -> dict[str, np.ndarray]:
     """phi(a) for every metric of ``loss_fn`` along the (masked) path, vectorised over the grid.
 
     Args:
@@ -228,7 +231,8 @@ def interpolation_curve(loss_fn: LossFn, pa: Params, pb: Params, batches: Sequen
       batches: same-shaped batches; metrics are weighted sums over all of them.
       alphas: grid size (linspace(0, 1, n)) or the grid itself (increasing, from 0 to 1).
       mask: ``group_mask`` of a layer-wise path; None = the whole network.
-      chunk: interpolation points evaluated together in one vmap (``lax.map(batch_size=chunk)``).
+      chunk: interpolation points evaluated together in one vmap (``lax.map(batch_size=chunk)``); 0 = all of
+        them (one vmap: the cheapest to compile; a chunk bounds memory for big models).
 
     Returns:
       {"alpha": [n], "loss": [n], "error": [n] (when the task reports error or accuracy), and every other scalar
@@ -262,7 +266,7 @@ def _gauss_half_nodes(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predictors(loss_fn: LossFn, pa: Params, pb: Params, batches: Sequence[dict], *,
-               mask: Params | None = None, nodes: int = 8, chunk: int = 8) -> dict[str, float]:
+               mask: Params | None = None, nodes: int = 8, chunk: int = 0) -> dict[str, float]:
     """The barrier-height predictors of lmc.md along the (masked) path from theta_A to theta_B.
 
     Returns:
@@ -363,7 +367,7 @@ def load_run(workdir: str, step: int | None = None, *, float32: bool = True, dat
 def compare(run_a: Run, run_b: Run, *, base: Run | None = None, split: str = "train", num_batches: int = 4,
             eval_split: str | None = "eval", eval_num_batches: int | None = None, alphas: int = 21,
             groups: Mapping[str, Any] | None = None, with_predictors: bool = True, nodes: int = 8,
-            chunk: int = 8) -> dict[str, Any]:
+            chunk: int = 0) -> dict[str, Any]:
     """Everything lmc.md measures for one pair of runs (same model), with ``run_a``'s task and batches.
 
     Args:
