@@ -310,8 +310,9 @@ def dense_plan(num_frames: int, num_patches: int) -> TokenPlan:
 
 def uniform_plan(num_frames: int, num_patches: int, budget: int = 8) -> TokenPlan:
     """A fixed budget of ``budget`` evenly spaced frames (all patches); fewer frames than the budget: all."""
+    k = min(budget, num_frames)
     chosen = np.zeros(num_frames, bool)
-    chosen[np.unique(np.floor(np.arange(min(budget, num_frames)) * num_frames / min(budget, num_frames)).astype(int))] = True
+    chosen[np.floor(np.arange(k) * num_frames / k).astype(int)] = True          # frames 0, T/k, 2T/k, ...
     gate = np.repeat(chosen[:, None], num_patches, 1)
     return TokenPlan(gate, chosen, chosen.copy(), gate.copy(), np.full(num_frames, -1))
 
