@@ -5,7 +5,7 @@ SPM erasing of a concept from the trained DiT.
 tokens, width 64, 4 blocks, 4 heads, text encoder of 2 layers over 6 word tokens; ~0.5M parameters), cosine
 schedule of 1000 steps, caption dropout 10 % "" / 10 % shape only / 10 % colour only, AdamW 1e-3 (wd 0),
 batch 32.
-``kind=judge`` (``judge_shapes``): task ``shapes_judge``, model ``judge_cnn`` (3 convs, width 32), AdamW 3e-3.
+``kind=judge`` (``judge_shapes``): task ``shapes_judge``, model ``judge_cnn`` (4 convs, width 32), AdamW 3e-3, 1000 steps.
 ``kind=spm`` (``spm_shapes``): task ``spm``, the DiT config with ``peft.method="spm"`` (rank-1 adapters on
 every Dense of the DiT blocks), only the adapters trained (``optim.trainable``), Adam 1e-3, batch 4,
 ``spm.*`` as the official configs (eta 1, lambda 1000, 4 anchors, c_sur = "", rollouts of up to 20 DDIM steps
@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model = ml_collections.ConfigDict(dict(channels=3, width=32, num_shapes=len(shapes.SHAPES),
                                                  num_colours=len(shapes.COLOURS)))
         c.batch_size = a.batch or 64
-        c.num_steps = a.steps or 300
+        c.num_steps = a.steps or 1000
         c.optim.update(lr=a.lr or 3e-3, warmup_steps=20)
     else:
         c.task, c.model_name = "spm", "dit"

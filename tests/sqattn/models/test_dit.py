@@ -40,4 +40,4 @@ def test_dit_shapes_paths_and_errors():
 def test_judge_heads_and_features():
     j = ShapeJudge(width=8, rngs=nnx.Rngs(0))
     out = j(jnp.zeros((2, 16, 16, 3)))
-    assert out["shape"].shape == (2, 4) and out["colour"].shape == (2, 3) and out["features"].shape == (2, 16)
+    assert out["shape"].shape == (2, 4) and out["colour"].shape == (2, 3) and out["features"].shape == (2, 32)
