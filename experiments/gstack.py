@@ -57,6 +57,7 @@ def define_flags() -> None:
     flags.DEFINE_string("order", "stack", "stacking order (stack | interleave | by_kind)")
     flags.DEFINE_integer("base_layers", 0, "base depth for --base=sse_h (0 = layers / g)")
     flags.DEFINE_boolean("progress", False, "progress bars")
+    flags.DEFINE_boolean("tabulate_only", False, "tabulate the finished runs, train nothing (skip the others)")
 
 
 def target_config(seed: int):
@@ -115,6 +116,8 @@ def run(cfg, wd) -> list[dict]:
         recs = metrics_lib.read_metrics(wd)
         if any(r.get("step") == cfg.num_steps and "eval_bits_per_byte" in r for r in recs):
             return recs
+    if FLAGS.tabulate_only:
+        return None
     out = train_and_evaluate(cfg, wd, progress=FLAGS.progress)
     if out.get("stopped_early"):
         raise RuntimeError(f"{wd} stopped early; rerun to resume")
@@ -162,8 +165,10 @@ def main(argv):
         target = target_config(seed)
         per_t = flops_per_step(target)
         budget = per_t * target.num_steps
-        arms.setdefault("scratch", {})[seed] = {"curve": curve(run(target, os.path.join(root, "scratch"))),
-                                                "base_flops": 0.0}
+        scratch = run(target, os.path.join(root, "scratch"))
+        if scratch is None:
+            continue
+        arms.setdefault("scratch", {})[seed] = {"curve": curve(scratch), "base_flops": 0.0}
         for g in sorted({g for g, _, _ in spec}, reverse=True):
             layers = FLAGS.base_layers or FLAGS.layers // g
             # a base shallower than one period of a hybrid's pattern keeps one layer of each kind ("SA")
@@ -172,6 +177,8 @@ def main(argv):
             bcfg, bsteps = base_config(target, layers, pattern, fracs, budget)
             base_wd = os.path.join(root, f"base_g{g}")
             base_recs = run(bcfg, base_wd)
+            if base_recs is None:
+                continue
             base_flops = {r["step"]: r["train_flops"] for r in base_recs if "train_flops" in r}
             for _, f, op in [a for a in spec if a[0] == g]:
                 s_b = bsteps[f]
@@ -184,6 +191,8 @@ def main(argv):
                 cfg.checkpoint_every = steps
                 name = ("" if op == "direct" else f"{op}_") + f"g{g}_d{f:g}"
                 recs = run(cfg, os.path.join(root, name))
+                if recs is None:
+                    continue
                 arms.setdefault(name, {})[seed] = {"curve": curve(recs, base_recs, s_b),
                                                    "base_flops": base_flops[s_b]}
         print(f"seed {seed} done at {time.time() - t0:.0f}s", flush=True)

@@ -45,6 +45,7 @@ def define_flags() -> None:
     flags.DEFINE_float("lr_grown", 3e-4, "peak lr after growth (the note: keep it small)")
     flags.DEFINE_list("inits", ["orthogonal", "zero", "copy", "random"], "coefficient inits")
     flags.DEFINE_integer("n_train", 20000, "train examples")
+    flags.DEFINE_boolean("tabulate_only", False, "tabulate the seeds whose runs all finished, train nothing")
 
 IN, OUT, BATCH = 32, 20, 128
 
@@ -84,6 +85,10 @@ def params_of(hidden: int) -> int:
     return IN * hidden + hidden * hidden + hidden * OUT
 
 
+class _Unfinished(Exception):
+    """A run that --tabulate_only does not train."""
+
+
 def run(cfg, wd) -> dict:
     from sqattn.train import metrics as metrics_lib
     from sqattn.train import train_and_evaluate
@@ -91,6 +96,8 @@ def run(cfg, wd) -> dict:
         recs = [r for r in metrics_lib.read_metrics(wd) if r.get("step") == cfg.num_steps and "eval_accuracy" in r]
         if recs:
             return recs[-1]
+    if FLAGS.tabulate_only:
+        raise _Unfinished(wd)
     out = train_and_evaluate(cfg, wd, progress=False)
     if out.get("stopped_early"):
         raise RuntimeError(f"{wd} stopped early; rerun to resume")
@@ -114,12 +121,51 @@ def evaluate(model, cfg) -> float:
     return right / total
 
 
+def one_seed(seed, rows, flops, pipeline, matched, pm, pf) -> None:
+    """Runs (or reuses) every arm of one seed and appends its rows."""
+    from sqattn import sample
+    from sqattn.growth import mixture
+    A, B, C = FLAGS.steps_a, FLAGS.steps_b, FLAGS.steps_c
+    root = os.path.join(FLAGS.workdir, "runs", str(seed))
+    wd = lambda name: os.path.join(root, name)  # noqa: E731
+    c = template_config(seed, A, FLAGS.lr, "m0")
+    c.optim.trainable = mixture.member_trainable(0)
+    m0 = run(c, wd("m0"))
+    c = grown_from(template_config(seed, B, FLAGS.lr, "m1"), wd("m0"), "")
+    c.init.transfer = "same"
+    c.optim.trainable = mixture.member_trainable(1)
+    m1 = run(c, wd("m1"))
+    src, src_cfg = sample.load_model(wd("m1"))
+    rec = lambda name, out, f, before=None, after=None: rows.setdefault(name, []).append(  # noqa: E731
+        {"seed": seed, "accuracy": float(out["eval_accuracy"]), "loss": float(out["eval_loss"]), "flops": f,
+         "before": before, "after": after})
+    rec("member0", m0, flops(pm, A))
+    rec("member1", m1, flops(pm, A + B))
+    for init in FLAGS.inits:
+        c = grown_from(template_config(seed, C, FLAGS.lr_grown, "grown"), wd("m1"), "sqattn.growth.mixture:grow",
+                       coef_init=init, seed=seed)
+        after = evaluate(mixture.grow(src, src_cfg, c), c)
+        rec(f"grown_{init}", run(c, wd(f"grown_{init}")), pipeline, before=float(m1["eval_accuracy"]), after=after)
+    c = grown_from(base_config(seed, C, FLAGS.lr_grown), wd("m1"), "sqattn.growth.mixture:grow_dense", seed=seed)
+    after = evaluate(mixture.grow_dense(src, src_cfg, c), c)
+    rec("random_growth", run(c, wd("random_growth")), pipeline, before=float(m1["eval_accuracy"]), after=after)
+    src0, src0_cfg = sample.load_model(wd("m0"))
+    c = grown_from(base_config(seed, C, FLAGS.lr_grown), wd("m0"), "sqattn.growth.mixture:net2net", member=0,
+                   seed=seed)
+    after = evaluate(mixture.net2net(src0, src0_cfg, c), c)
+    rec("net2net", run(c, wd("net2net")), flops(pm, A) + flops(pf, C), before=float(m0["eval_accuracy"]),
+        after=after)
+    c = template_config(seed, A + B, FLAGS.lr, "m0")
+    c.optim.trainable = mixture.member_trainable(0)
+    rec("small", run(c, wd("small")), flops(pm, A + B))
+    rec("scratch", run(base_config(seed, A + B + C, FLAGS.lr), wd("scratch")), flops(pf, A + B + C))
+    rec("scratch_matched", run(base_config(seed, matched, FLAGS.lr), wd("scratch_matched")), flops(pf, matched))
+
+
 def main(argv):
     del argv
     import numpy as np
     from experiments.common import quiet_logging
-    from sqattn import sample
-    from sqattn.growth import mixture
     from sqattn.train.trainer import enable_compilation_cache
     quiet_logging()
     enable_compilation_cache()
@@ -131,41 +177,15 @@ def main(argv):
     matched = max(1, round(pipeline / flops(pf, 1)))
     rows: dict[str, list] = {}
     for seed in [int(s) for s in FLAGS.seeds]:
-        root = os.path.join(FLAGS.workdir, "runs", str(seed))
-        wd = lambda name: os.path.join(root, name)  # noqa: E731
-        c = template_config(seed, A, FLAGS.lr, "m0")
-        c.optim.trainable = mixture.member_trainable(0)
-        m0 = run(c, wd("m0"))
-        c = grown_from(template_config(seed, B, FLAGS.lr, "m1"), wd("m0"), "")
-        c.init.transfer = "same"
-        c.optim.trainable = mixture.member_trainable(1)
-        m1 = run(c, wd("m1"))
-        src, src_cfg = sample.load_model(wd("m1"))
-        rec = lambda name, out, f, before=None, after=None: rows.setdefault(name, []).append(  # noqa: E731
-            {"seed": seed, "accuracy": float(out["eval_accuracy"]), "loss": float(out["eval_loss"]), "flops": f,
-             "before": before, "after": after})
-        rec("member0", m0, flops(pm, A))
-        rec("member1", m1, flops(pm, A + B))
-        for init in FLAGS.inits:
-            c = grown_from(template_config(seed, C, FLAGS.lr_grown, "grown"), wd("m1"), "sqattn.growth.mixture:grow",
-                           coef_init=init, seed=seed)
-            after = evaluate(mixture.grow(src, src_cfg, c), c)
-            rec(f"grown_{init}", run(c, wd(f"grown_{init}")), pipeline, before=float(m1["eval_accuracy"]), after=after)
-        c = grown_from(base_config(seed, C, FLAGS.lr_grown), wd("m1"), "sqattn.growth.mixture:grow_dense", seed=seed)
-        after = evaluate(mixture.grow_dense(src, src_cfg, c), c)
-        rec("random_growth", run(c, wd("random_growth")), pipeline, before=float(m1["eval_accuracy"]), after=after)
-        src0, src0_cfg = sample.load_model(wd("m0"))
-        c = grown_from(base_config(seed, C, FLAGS.lr_grown), wd("m0"), "sqattn.growth.mixture:net2net", member=0,
-                       seed=seed)
-        after = evaluate(mixture.net2net(src0, src0_cfg, c), c)
-        rec("net2net", run(c, wd("net2net")), flops(pm, A) + flops(pf, C), before=float(m0["eval_accuracy"]),
-            after=after)
-        c = template_config(seed, A + B, FLAGS.lr, "m0")
-        c.optim.trainable = mixture.member_trainable(0)
-        rec("small", run(c, wd("small")), flops(pm, A + B))
-        rec("scratch", run(base_config(seed, A + B + C, FLAGS.lr), wd("scratch")), flops(pf, A + B + C))
-        rec("scratch_matched", run(base_config(seed, matched, FLAGS.lr), wd("scratch_matched")), flops(pf, matched))
+        try:
+            one_seed(seed, rows, flops, pipeline, matched, pm, pf)
+        except _Unfinished as e:
+            print(f"seed {seed}: {e} unfinished; not tabulated", flush=True)
+            for name in rows:
+                rows[name] = [r for r in rows[name] if r["seed"] != seed]
+            continue
         print(f"seed {seed} done at {time.time() - t0:.0f}s", flush=True)
+    rows = {k: v for k, v in rows.items() if v}
     table = {}
     for name, rs in rows.items():
         acc = np.array([r["accuracy"] for r in rs])

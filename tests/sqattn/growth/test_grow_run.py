@@ -22,7 +22,9 @@ def _target():
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("base"))
-    train_and_evaluate(growth_configs.depth_config(_target(), 1), wd, progress=False)
+    base = growth_configs.depth_config(_target(), 1)
+    base.num_steps = 2
+    train_and_evaluate(base, wd, progress=False)
     return wd
 
 
@@ -32,7 +34,7 @@ def _losses(wd):
 
 def test_grown_run_starts_fresh_continues_data_and_counts_base_flops(base_run):
     cfg = growth_configs.grown_config(_target(), base_run, op="zero", g=2, warmup_steps=1)
-    assert cfg.data_offset == 4 and cfg.init.transform == "sqattn.growth:grow"
+    assert cfg.data_offset == 2 and cfg.init.transform == "sqattn.growth:grow"
     setup = state_lib.make_setup(cfg)
     state = state_lib.init_state(cfg, setup)
     moments = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) >= 1]

@@ -185,3 +185,15 @@ def test_fade_hook_ramps_only_the_faded_layers():
     again.load_state_dict(hook.state_dict())
     assert again.faded == [2, 3]
     assert hook(7, state, None) is None       # nothing left to change
+
+
+def test_by_kind_grows_a_half_depth_hybrid_into_sse_h():
+    """The half-depth "SA" base of sse_h_tiny's "SSSA": S layers from the S layer, A from the A layer."""
+    cfg = _cfg("sse_h_tiny")
+    src, _ = _model(cfg, seed=1, num_layers=2, block_pattern="SA")
+    tgt = growth.grow_model(src, _model(cfg, num_layers=4)[0], op="direct", order="by_kind")
+    s, t = paths.pure_params(src), paths.pure_params(tgt)
+    for i, j in enumerate([0, 0, 0, 1]):
+        np.testing.assert_array_equal(t["blocks"][i]["mixer"]["o"]["kernel"], s["blocks"][j]["mixer"]["o"]["kernel"])
+    with pytest.raises(ValueError, match="parameter trees differ"):
+        growth.grow_model(src, _model(cfg, num_layers=4)[0], op="direct", order="stack")
