@@ -47,6 +47,7 @@ class PowerLawFit:
     method: str
     gamma_mode: str
     boot: np.ndarray | None = None
+    boot_requested: int = 0
 
     def __call__(self, m) -> np.ndarray:
         return self.alpha * np.asarray(m, np.float64) ** self.beta + self.gamma
@@ -74,7 +75,19 @@ class PowerLawFit:
         out.update({f"{k}_ci": list(v) for k, v in ci.items()})
         if self.boot is not None:
             out["bootstrap"] = int(len(self.boot))
+        if self.gamma_mode == "fit":
+            out["gamma_identified"] = self.gamma_identified(level)
         return out
+
+    def gamma_identified(self, level: float = 0.9) -> bool:
+        """Whether the fitted floor is identified: its interval excludes ~0 (lower end above gamma / 10) and, with
+        a bootstrap, at least half of the refits succeeded. When not, report the fit without gamma instead."""
+        if self.gamma_mode != "fit":
+            return False
+        if self.boot is not None and len(self.boot) < 0.5 * max(self.boot_requested, 1):
+            return False
+        lo, hi = self.ci(level)["gamma"]
+        return bool(lo > 0.1 * self.gamma and hi > lo)
 
     def formula(self) -> str:
         g = f" + {self.gamma:.3g}" if self.gamma_mode != "none" else ""
@@ -230,7 +243,7 @@ def fit_power_law(m, err, *, gamma: str | float | None = "none", weights=None, b
         boot = np.asarray(draws)
     return PowerLawFit(float(params[0]), float(params[1]), float(params[2]), np.asarray(cov), float(m.min()),
                        float(m.max()), int(m.size), int(max(m.size - (3 if gmode == "fit" else 2), 1)), float(rss),
-                       method, gmode, boot)
+                       method, gmode, boot, int(bootstrap))
 
 
 def predict(fit: PowerLawFit, m_new, *, level: float = 0.9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -40,6 +40,10 @@ def test_recovers_alpha_beta_gamma_with_floor_and_agrees_with_curve_fit():
     for k, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         assert ci[k][0] <= v <= ci[k][1], (k, v, ci[k])
     assert abs(fit.beta - beta) < 0.1 and abs(fit.gamma - gamma) / gamma < 0.3
+    assert fit.gamma_identified()
+    flat_m = M[:4]                                   # a flat curve: no floor can be told apart from the power law
+    flat_e = 3.3 * flat_m ** -0.006 * np.exp(0.03 * np.random.default_rng(0).standard_normal(4))
+    assert not scaling.fit_power_law(flat_m, flat_e, gamma="fit", bootstrap=50).gamma_identified()
     ref = scaling.curve_fit_reference(m, e, gamma="fit")
     # same objective: curve_fit lands on our optimum (relative agreement), and inside our CI
     for k in ("alpha", "beta", "gamma"):
