@@ -89,8 +89,8 @@ def run_synth(workdir: str, arms, seeds, steps: int, sens_every: int) -> dict:
                 out = train_and_evaluate(cfg, run_dir, progress=False)
                 wall = time.perf_counter() - t0
                 d = build_data(cfg.model, cfg.data)
-                rec = {"eval_mse": float(out["eval_loss"]), "eval_accuracy": float(out["eval_accuracy"]),
-                       "base_mse": d["base_test_mse"], "rel_mse": float(out["eval_loss"]) / d["base_test_mse"],
+                rec = {"eval_mse": float(out["eval_mse"]), "eval_accuracy": float(out["eval_accuracy"]),
+                       "base_mse": d["base_test_mse"], "rel_mse": float(out["eval_mse"]) / d["base_test_mse"],
                        "wall_s": wall, "true_ranks": d["true_ranks"]}
                 rec.update(run_summary(run_dir, d["true_ranks"]))
                 return rec

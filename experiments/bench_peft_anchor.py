@@ -3,7 +3,7 @@
 Same task (``rank_synth``: base = teacher A, planted perturbations of true rank 1, 4, 8, 0 on fc1, fc2, fc3,
 head), same base weights (loaded into an equivalent torch MLP: ``nn.Linear`` with our kernels transposed, zero
 biases, tanh-GELU as ``jax.nn.gelu``), same initial adapters (our P, Q copied into peft's ``lora_A``/``lora_B``,
-lambda = 0), same batches (``SynthBatches.batch(step)``), same loss (MSE + 0.1 x the mean Frobenius
+lambda = 0), same batches (``SynthBatches.batch(step)``), same loss (MSE relative to the base's train MSE + 0.1 x the mean Frobenius
 orthogonality penalty, computed by hand on the torch side because peft adds it only to a ``ModelOutput.loss``),
 same optimizer (AdamW b2 0.999, no weight decay, global-norm clip 1, the optax warmup-cosine learning rate
 evaluated per step), same AdaLoRA schedule (init_r 6 -> target_r 4 per module, i.e. 24 -> 16 in total, tinit 10 %,
@@ -93,7 +93,8 @@ def run_peft(cfg, init_adapters: dict, names) -> dict:
     opt = torch.optim.AdamW(params, lr=float(cfg.optim.lr), betas=(float(cfg.optim.b1), float(cfg.optim.b2)),
                             eps=float(cfg.optim.eps), weight_decay=0.0)
     sched = optim.lr_schedule(cfg.optim, steps)
-    train, evals = RankSynthTask().make_datasets(cfg)
+    task = RankSynthTask()
+    train, evals = task.make_datasets(cfg)
     orth = hf_cfg.orth_reg_weight
 
     def reg():
@@ -110,7 +111,7 @@ def run_peft(cfg, init_adapters: dict, names) -> dict:
     for i in range(steps):
         b = train.batch(i)
         x, y = torch.from_numpy(b["x"]), torch.from_numpy(b["y"])
-        loss = torch.mean((pm(x) - y) ** 2) + orth * reg()
+        loss = torch.mean((pm(x) - y) ** 2) * task.loss_scale + orth * reg()      # as RankSynthTask.loss_fn
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, float(cfg.optim.grad_clip))
         for g in opt.param_groups:
@@ -132,7 +133,7 @@ def run_peft(cfg, init_adapters: dict, names) -> dict:
     pattern = pm.peft_config["default"].rank_pattern or {}
     ranks = {}
     for name in names:
-        key = next((k for k in pattern if k.split(".")[-1] == name or k.endswith(f".{name}")), None)
+        key = next((k for k in pattern if name in k.split(".")), None)        # "fc1.lora_E.default"
         ranks[name] = int(sum(pattern[key])) if key is not None else init_r
     return {"eval_mse": se / n, "ranks": ranks, "wall_s": wall, "alloc_s": alloc_s}
 
@@ -160,7 +161,7 @@ def main(argv):
     out = train_and_evaluate(cfg, run_dir, progress=False)
     ours_wall = time.perf_counter() - t0
     ours = run_summary(run_dir, d["true_ranks"])
-    ours.update(eval_mse=float(out["eval_loss"]), wall_s=ours_wall)
+    ours.update(eval_mse=float(out["eval_mse"]), wall_s=ours_wall)
     hf = run_peft(cfg, init, names)
     final = [hf["ranks"][n] for n in names]
     hf["spearman"] = float(stats.spearmanr(final, d["true_ranks"]).statistic) if len(set(final)) > 1 else None

@@ -41,3 +41,21 @@ def test_synth_table_aggregates_seeds():
     assert summary["x"]["mean_ranks"] == [2.0, 2.0, 2.0, 4.0]
     assert summary["x"]["spearman"][0] == pytest.approx(0.75)
     assert "| lora | 0.300 ± 0.000 | 0.500 ± 0.000 | - |" in table
+
+
+def test_peft_anchor_runs_and_meets_the_budget():
+    """experiments/bench_peft_anchor.py's peft side on a tiny config: the final rank pattern is read back (total
+    rank below the start's 3 x 4) and within AdaLoRA's budget (target_r x modules)."""
+    pytest.importorskip("torch", reason="pip install torch (extra 'peers')")
+    pytest.importorskip("peft", reason="pip install peft (extra 'peers')")
+    import numpy as np
+    from sqattn import configs
+    from sqattn.train import state as state_lib
+    from experiments.bench_peft_anchor import run_peft
+    c = configs.get("rank_synth:method=adalora,runlocal")
+    model = state_lib.build_model(c)
+    init = {p: (np.asarray(m.ada_a[...]), np.asarray(m.ada_b[...])) for p, m in adaptive.adapter_modules(model)}
+    out = run_peft(c, init, ["fc1", "fc2", "fc3", "head"])
+    # peft's threshold (kthvalue, pruning every score <= it) can prune past the budget on tied scores
+    assert 0 < sum(out["ranks"].values()) <= c.peft.rank * 4 and max(out["ranks"].values()) <= c.peft.init_rank
+    assert np.isfinite(out["eval_mse"])
