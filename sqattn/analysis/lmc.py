@@ -367,7 +367,7 @@ def load_run(workdir: str, step: int | None = None, *, float32: bool = True, dat
 def compare(run_a: Run, run_b: Run, *, base: Run | None = None, split: str = "train", num_batches: int = 4,
             eval_split: str | None = "eval", eval_num_batches: int | None = None, alphas: int = 21,
             groups: Mapping[str, Any] | None = None, with_predictors: bool = True, nodes: int = 8,
-            chunk: int = 0) -> dict[str, Any]:
+            chunk: int = 0, layer_predictors: bool | None = None) -> dict[str, Any]:
     """Everything lmc.md measures for one pair of runs (same model), with ``run_a``'s task and batches.
 
     Args:
@@ -376,6 +376,7 @@ def compare(run_a: Run, run_b: Run, *, base: Run | None = None, split: str = "tr
       eval_split, eval_num_batches: a second curve for the functional (test error) barrier; None skips it.
       groups: layer groups for layer-wise paths: name -> regex or list of regexes (``default_groups``); None =
         whole network only.
+      layer_predictors: the predictors on every layer path too (default: ``with_predictors``).
 
     Returns:
       {"distance", "angle" (with base), "train": {curve, barriers of loss and error}, "eval": {...},
@@ -407,7 +408,7 @@ def compare(run_a: Run, run_b: Run, *, base: Run | None = None, split: str = "tr
                 rec["angle"] = displacement_angle(base.params, pa, pb, mask)
             rec["train"] = _curve_record(interpolation_curve(fn, pa, pb, land, alphas=alphas, mask=mask,
                                                              chunk=chunk))
-            if with_predictors:
+            if with_predictors if layer_predictors is None else layer_predictors:
                 rec["predictors"] = predictors(fn, pa, pb, land, mask=mask, nodes=nodes, chunk=chunk)
             out["layers"][name] = rec
     return out
