@@ -147,10 +147,16 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
-    """Rotary embedding (half-split convention). x: [b, t, h, hd]; positions: [b, t]."""
-    hd = x.shape[-1]
+    """Rotary embedding (half-split convention). x: [b, t, h, hd]; positions: [b, t].
+
+    ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` written as ``x * cos + swap(x) * (-sin, +sin)`` over a
+    ``[..., 2, hd/2]`` view, where ``swap`` exchanges the halves (a reverse of the size-2 axis): one elementwise
+    fusion in float32, no concatenate or split copies, cast back once.
+    """
+    b, t, h, hd = x.shape
     ang = positions[..., None].astype(jnp.float32) * rope_frequencies(hd, theta)  # [b, t, hd/2]
-    sin, cos = jnp.sin(ang)[:, :, None], jnp.cos(ang)[:, :, None]              # [b, t, 1, hd/2]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    sin, cos = jnp.sin(ang)[:, :, None, None], jnp.cos(ang)[:, :, None, None]  # [b, t, 1, 1, hd/2]
+    sign = jnp.array([-1.0, 1.0], jnp.float32)[:, None]                          # [2, 1]
+    xr = x.astype(jnp.float32).reshape(b, t, h, 2, hd // 2)                      # [b, t, h, 2, hd/2]
+    out = xr * cos + xr[..., ::-1, :] * (sign * sin)
+    return out.reshape(b, t, h, hd).astype(x.dtype)

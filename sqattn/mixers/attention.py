@@ -3,6 +3,10 @@
 Shapes: b batch, t query time, s key time, h query heads, g kv heads (h % g == 0), r = h // g, k head dim.
 Sliding window ``window = W > 0``: query t sees keys s with ``t - W < s <= t`` (W tokens including itself).
 Decoding keeps a cache of all keys (full) or a ring buffer of the last W keys (sliding window).
+
+A whole sequence goes through ``kernels.causal_attention.causal_attention`` (``impl="auto"``: the blocked
+online-softmax path, masked blocks skipped, no T x T buffer); ``attention_mask`` / ``dot_product_attention``
+(the dense reference, re-exported from ``kernels.causal_attention.ref``) serve decoding.
 """
 
 from __future__ import annotations
@@ -12,38 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.causal_attention import causal_attention
+from kernels.causal_attention.ref import MASK_VALUE, attention_mask, dot_product_attention
 from sqattn import mixers
 from sqattn.layers import Dense, RMSNorm, apply_rope, positions_from_segments
 from sqattn.parallel import cad as cad_lib
 from sqattn.parallel.sharding import constrain
 
-_MASK = -1e30  # finite: fully-masked rows give a uniform softmax, never NaN
-
-
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, window: int = 0,
-                   q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
-    """Boolean [b, t, s] mask: causal, optional sliding window and same-segment constraint."""
-    ok = k_pos[:, None, :] <= q_pos[:, :, None]
-    if window > 0:
-        ok &= k_pos[:, None, :] > q_pos[:, :, None] - window
-    if q_seg is not None:
-        ok &= q_seg[:, :, None] == k_seg[:, None, :]
-    return ok
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          scale: float | None = None) -> jax.Array:
-    """Reference GQA attention. q [b,t,h,k], k/v [b,s,g,k], mask [b,t,s] -> [b,t,h,k]; f32 softmax."""
-    b, t, h, hd = q.shape
-    g = k.shape[2]
-    scale = hd ** -0.5 if scale is None else scale
-    qg = q.reshape(b, t, g, h // g, hd)                                           # [b,t,g,r,k]
-    logits = jnp.einsum("btgrk,bsgk->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None, None], logits, _MASK)                       # [b,g,r,t,s]
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)                         # [b,t,g,r,k]
-    return out.reshape(b, t, h, hd).astype(q.dtype)
+_MASK = MASK_VALUE  # finite: fully-masked rows give a uniform softmax, never NaN
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int,
@@ -108,18 +88,21 @@ class Attention(nnx.Module):
       cad: core attention disaggregation (sqattn.parallel.cad): True or a dict of ``CADConfig`` fields. Under
         an ``activation_sharding`` mesh whose data-parallel axes shard the batch, core attention runs as the
         balanced shard_map program (same result); otherwise it is ignored. Full attention only.
+      impl: ``kernels.causal_attention`` implementation: "auto" (blocked), "chunked" (same) or "ref" (dense).
     """
 
     def __init__(self, d_model: int, *, rngs: nnx.Rngs, dtype=jnp.float32, num_heads: int = 4,
                  num_kv_heads: int | None = None, head_dim: int | None = None, window: int = 0,
                  rope_theta: float = 10000.0, qk_norm: bool = False, out_scale: float = 1.0,
-                 cad: bool | dict = False):
+                 cad: bool | dict = False, impl: str = "auto"):
         num_kv_heads = num_kv_heads or num_heads
         head_dim = head_dim or d_model // num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"attention: num_heads={num_heads} not divisible by num_kv_heads={num_kv_heads}")
         if window < 0:
             raise ValueError(f"attention: window must be >= 0, got {window}")
+        if impl not in ("auto", "chunked", "ref"):
+            raise ValueError(f"attention: impl must be 'auto', 'chunked' or 'ref', got {impl!r}")
         self.cad = cad_lib.CADConfig.from_arg(cad)
         if self.cad is not None and window > 0:
             raise ValueError(f"attention: cad needs full attention (window=0), got window={window}")
@@ -128,6 +111,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(head_dim) if qk_norm else None
         self.k_norm = RMSNorm(head_dim) if qk_norm else None
         self.dtype = dtype
+        self.impl = impl
 
     def _qkv(self, x: jax.Array, pos: jax.Array):
         b, t, _ = x.shape
@@ -147,12 +131,8 @@ class Attention(nnx.Module):
         pos = positions_from_segments(segment_ids, b, t) if positions is None else positions
         q, k, v = self._qkv(x, pos)
         o = cad_lib.core_attention(q, k, v, segment_ids, self.cad) if self.cad is not None else None
-        if o is None and 0 < self.window and 2 * self.window < t:
-            o = local_attention(q, k, v, self.window, segment_ids)    # O(T W) instead of O(T^2)
-        if o is None:
-            idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-            mask = attention_mask(idx, idx, window=self.window, q_seg=segment_ids, k_seg=segment_ids)
-            o = dot_product_attention(q, k, v, mask)                   # [b,t,h,k]
+        if o is None:                                                  # [b,t,h,k]; O(T W) with a window
+            o = causal_attention(q, k, v, window=self.window, segment_ids=segment_ids, impl=self.impl)
         return self.o(o.reshape(b, t, self.h * self.hd))
 
     def extra_flops_per_token(self, seq_len: int) -> float:
