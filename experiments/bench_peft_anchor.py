@@ -21,7 +21,18 @@ smooths sensitivities per element, ours per row (allocator docstring).
 Prints one JSON line: final test MSE (absolute and relative to the unadapted base), per-layer final ranks,
 Spearman with the true ranks and wall time for both.
 
-Results: (filled in below after measurement)
+Measured (``python -m experiments.bench_peft_anchor --workdir=/tmp/ar/anchor --steps=1000 --seed=0``; 2 shared
+cores at load average ~21; peft 0.21.2, torch 2.14.1 on 1 thread; true ranks fc1,fc2,fc3,head = 1,4,8,0; base
+test MSE 6.36e-3):
+
+  |                       | test MSE  | / base | final ranks fc1,fc2,fc3,head | Spearman | wall (s) |
+  |-----------------------|-----------|--------|------------------------------|----------|----------|
+  | ours (adalora)        | 4.997e-4  | 0.0785 | 1, 6, 6, 3                   | +0.74    | 74       |
+  | HF peft AdaLoRA       | 4.987e-4  | 0.0784 | 1, 6, 6, 3                   | +0.74    | 62       |
+
+Same final allocation and test error within 0.2 % despite the known differences above. Wall times are not
+comparable (ours: trainer with compile, checkpoint and per-step logging; peft: a bare torch loop) and the
+machine was shared. One seed.
 """
 
 from __future__ import annotations
