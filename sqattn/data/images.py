@@ -20,8 +20,8 @@ class is test); ``tfds`` uses its own splits.
 (1 - x), ``invert_noise`` (1 - x plus Gaussian noise of std ``noise``, clipped; the noise of example i is fixed by
 (seed, i)), ``rot90``, ``transpose`` (rows <-> columns). ``cfg.task`` picks the current task t: the train split
 holds the classes of task t in its domain; the eval split holds every class of tasks 0..t, each in its own task's
-domain (class-incremental evaluation: no task id). Overlapping classes, an empty task, an unknown domain or a class the source lacks are
-``ValueError``s naming the task.
+domain (class-incremental evaluation: no task id). Overlapping classes, an empty task, an unknown domain or a class
+the source lacks are ``ValueError``s naming the task.
 
 Batches (``ImageBatches.batch(step)``): ``images`` f32 [b,S,S,C] (scaled to [-1, 1]), ``labels`` i32 [b],
 ``weights`` f32 [b], ``logit_mask`` bool [b, K] (K = the source's class count: True for the classes the loss

@@ -22,12 +22,12 @@ with TRAIN = 0 reads its parameters through ``stop_gradient``, so its gradient i
 weight decay, Adam leaves it exactly unchanged (old adapters, routers and RDs are frozen); gradients still flow
 *through* frozen slots into trainable ones below them.
 
-Static shapes: expansion flips status values of a preallocated slot (ACTIVE, TRAIN, CREATED) and never changes a
-shape, so the compiled train/eval steps of a run are reused by every later run of the same phase (same
-parameter tree, same program; the persistent compilation cache serves them). What recompiles: nothing on
-expansion; a different ``optim.trainable`` regex (the func vs rd phase) is a different optimizer program, and a
-different batch size or eval-set size (the eval set grows with the stream) a different eval loop length, not a
-different program.
+Static shapes: the slots of a layer are stacked arrays ([K, d, r] etc.); expansion flips status values of a
+preallocated slot (ACTIVE, TRAIN, CREATED) and never changes a shape, so every run of a stream has the same
+parameter tree and its train/eval steps are the same programs (each run is a new trainer call, which traces
+them again; the persistent compilation cache then serves the executable). What recompiles: nothing on
+expansion; a different ``optim.trainable`` regex (func / rd / joint phase) is a different optimizer program; a
+slot's status values are data, so one compiled step serves any adapter set.
 
 The RD's z-score of a sample is |l - MU| / SIGMA (0 while COUNT <= 2). MU and SIGMA are the mean and standard
 deviation of the RD's last ``buffer_size`` training losses: the losses of the last ``buffer_size`` training
@@ -40,14 +40,17 @@ Per-task protocol (``sqattn.train.stream``): each step is one trainer run starte
 
 * ``start`` (task 0): copies a trained ``ViT``'s parameters into the backbone and activates slot 0 of every
   layer with TRAIN = 1 (the default status of a freshly built ``SEMAViT``).
-* ``advance`` (every later run; ``config.init.args.phase`` is ``"func"`` or ``"rd"``): first freezes the source
-  run's trained slots (computing the RD statistics of an rd-phase source on the source run's data); then, for a
-  func run, applies ``config.init.args.method``:
+* ``advance`` (every later run; ``config.init.args.phase`` is ``"func"``, ``"rd"`` or ``"joint"``): an rd run
+  keeps the source's TRAIN flags (it trains the RDs of the slots the func run trained). A func or joint run first
+  freezes the source run's trained slots (recording the RD statistics of an rd or joint source on the source run's
+  data), then applies ``config.init.args.method``:
   - ``sema``: detection on the new task's training examples (``detect``): batches of ``detect_batch`` in order,
     bottom-up over the expandable layers; the first layer where ``min_k mean_i z_{k,i} > z_threshold``, that has
     not expanded in this task and has a free slot, gets a new slot (TRAIN = 1). The stream then trains it (func:
-    adapter + router column + head; rd: the new RD only) and restarts detection from scratch, until a pass
-    triggers nothing. A task that added nothing trains the head only.
+    adapter + router column + head; rd: the new RD only; joint: both in one run, see ``sqattn.train.stream``) and
+    restarts detection from scratch, until a pass triggers nothing. A task that added nothing trains the head
+    only. (The official loop visits the detection batches shuffled and keeps going through the epoch after an
+    expansion before restarting; ours visits them in order and restarts at once.)
   - ``expand_every``: a new slot in every expandable layer at the first run of each task (no detection).
   - ``ft_adapter``: one adapter per layer, trained on every task (never frozen).
   - ``prototypes``: no adapter; the head rows of the task's classes become class-mean features (``w_c = p_c``,
@@ -370,7 +373,7 @@ def _train_rows(config, count: int) -> np.ndarray:
 
 
 def freeze(model: SEMAViT, src_config) -> dict:
-    """Freezes the slots ``src_config``'s run trained (TRAIN -> 0). After an rd-phase run, first records each
+    """Freezes the slots ``src_config``'s run trained (TRAIN -> 0). After an rd or joint run, first records each
     trained RD's MU / SIGMA / COUNT from its losses on the run's last ``buffer_size`` training examples.
     Returns {layer: (mu, sigma, count)} of the RDs it recorded."""
     args = stream_args(src_config)

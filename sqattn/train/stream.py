@@ -156,8 +156,8 @@ def run_stream(config, workdir: str, *, backbone: str, func_epochs: float = 5, r
 
     Returns:
       The summary: ``tasks`` (per task: accuracy on all seen classes, per-task accuracies, adapters per layer,
-      expansions, z-scores), ``average_accuracy`` (A-bar), ``final_accuracy`` (A_N), ``runs`` (every run's
-      record) and ``params_path``-free numbers only (JSON).
+      expansions, z-scores, trainable and held adapter parameters), ``average_accuracy`` (A-bar),
+      ``final_accuracy`` (A_N) and ``runs`` (every run's record: name, plan, final metrics); JSON-able.
     """
     args = sema.stream_args(config)
     method = args["method"]
