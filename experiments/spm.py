@@ -20,7 +20,52 @@ starts from the same initial noise; DDIM --sample_steps steps at CFG --guidance)
   * the FT gammas per prompt; image grids (PNG and TensorBoard) of every variant.
 Writes results.json, grid_*.png, compare.png and tb/ under --workdir, and prints the JSON.
 
-Measured (see the table below; commands and machine load in the header of the table).
+Measured 2026-12-03, 2 CPU cores shared by ~9 agents (load average 19-27 throughout), no accelerator:
+  python -m experiments.train --config=dit_shapes:steps=1500 --workdir=/work/runs/spm/dit        # 30 min wall
+  python -m experiments.spm --workdir=/work/runs/spm/exp --dit_workdir=/work/runs/spm/dit --spm_steps=150 \
+      --spm_batch=2 --la=1000 --samples=16 --sample_steps=20 [--notrain]   (+ --la=0 --nomulti for the LA row)
+Wall times are dominated by XLA compilation under that load (SPM train step 171-551 s to compile, ~0.2 s/step
+to run; DiT step 0.6 s; evaluation 460 s of which most is compiling 4 samplers).
+
+Runs: DiT 1500 steps (final eval eps-MSE 0.038); judge 1000 steps (eval accuracy 100 % shape, 100 % colour on
+clean images); SPMs 150 steps, batch 2 (the note asks 400-800; time).
+
+HONEST SUMMARY: at this size and training budget the DiT does NOT draw recognisable shapes. Its samples have
+the right colour (judge colour accuracy 100 % on all 12 prompts) but are blocky blobs in the 4x4 patch grid
+(results_grid_original.png); the judge calls 79 % of "star"-prompt samples and 89 % of the other prompts'
+samples "star" (shape accuracy 28 % overall, 11 % on non-star prompts). So the erasure numbers below measure
+nothing about "star": with no star drawn, there is no star to erase. The SPM machinery runs end to end (the
+adapters train, the combination and FT change samples measurably), but the table cannot show erasure.
+
+Original model (16 samples x 12 prompts): star rate on star prompts 0.79; other prompts: shape acc 0.11,
+colour acc 1.00.
+
+{LA} x {FT} grid, erasing "star" (lambda 1000; FT gamma from the prompt, paper-form sum):
+| variant            | star rate (target) | other shape acc | other colour acc | other MSE | other Fréchet | target MSE |
+|--------------------|--------------------|-----------------|------------------|-----------|---------------|------------|
+| original           | 0.792              | 0.111           | 1.000            | 0         | 0             | 0          |
+| LA, FT off (m = 1) | 0.792              | 0.111           | 1.000            | 0.0015    | 5.35          | 0.0013     |
+| LA, FT flat cosine | 0.792              | 0.111           | 1.000            | 0.0012    | 4.71          | 0.0013     |
+| LA, FT mean cosine | 0.792              | 0.111           | 1.000            | 0.0012    | 4.86          | 0.0013     |
+(no-LA rows: results_la0.json, if that evaluation finished; see the helper's report.)
+
+FT gammas (pitfall reproduced): with the official flattened-padded-state cosine, gamma_star is 0.87-0.92 for
+prompts without "star" (1.0 with it); the mean-of-non-padding cosine is no better here (0.89-0.95), because the
+jointly trained 2-layer text encoder maps every prompt to similar states. FT therefore barely scales the SPMs
+down on unrelated prompts (other MSE 0.0015 -> 0.0012).
+
+Multi-concept (star SPM + blue SPM, lambda 1000, FT on); non-target = the 6 prompts with neither concept:
+| combination        | star rate | blue rate (blue prompts) | other MSE | other Fréchet | target MSE (star+blue prompts) | "a blue circle" MSE |
+|--------------------|-----------|--------------------------|-----------|---------------|-----------------|---------------------|
+| flat, paper form   | 0.688     | 1.000                    | 0.0018    | 9.2           | 0.027           | 0.042               |
+| flat, factor sum   | 0.667     | 1.000                    | 0.0046    | 20.8          | 0.065           | 0.097               |
+| mean, paper form   | 0.688     | 1.000                    | 0.0017    | 9.0           | 0.028           | 0.043               |
+| mean, factor sum   | 0.667     | 1.000                    | 0.0041    | 18.1          | 0.066           | 0.100               |
+"Blue" is not erased (the judge still sees blue in 100 % of blue-prompt samples), though the blue SPM changes
+blue-prompt samples ~20x more than others; the code's factor-sum combination alters everything ~2.5x more than
+the paper form (cross terms U_i D_j). "a green square" stays close to the original (MSE 0.002 paper form).
+What would be needed: a DiT that draws shapes (patch 2, more steps: the 64-token model was 3x slower per step
+here), and the note's 400-800 SPM steps.
 """
 
 from __future__ import annotations
@@ -54,13 +99,18 @@ flags.DEFINE_integer("sample_steps", 20, "DDIM steps (sampling and SPM rollouts)
 flags.DEFINE_float("guidance", 3.0, "CFG scale when sampling")
 flags.DEFINE_integer("seed", 0, "noise seed of the evaluation")
 flags.DEFINE_bool("runlocal", False, "tiny runs (smoke test)")
+flags.DEFINE_bool("train", True, "train (or resume) the runs first; --notrain evaluates the runs already there")
+flags.DEFINE_bool("multi", True, "train and evaluate the second concept (blue) and the star + blue combination")
+flags.DEFINE_string("results", "results.json", "file name of the results under --workdir")
 
 PROMPTS = shapes.all_prompts()                       # 12 (colour, shape), colour-major
 
 
 # ----------------------------------------------------------------------------------------------- runs
-def _train(name: str, workdir: str) -> dict:
+def _train(name: str, workdir: str, train: bool = True) -> dict:
     from sqattn.train.trainer import train_and_evaluate
+    if not train:
+        return _existing(workdir)
     t0 = time.time()
     rec = train_and_evaluate(configs.get(name), workdir, progress=False)
     return {"config": name, "workdir": workdir, "seconds": round(time.time() - t0, 1),
@@ -73,17 +123,17 @@ def _existing(workdir: str) -> dict:
     return {"workdir": workdir, "reused": True, **(recs[-1] if recs else {})}
 
 
-def train_all(workdir: str, *, dit_workdir: str, dit_steps: int, judge_steps: int, spm_steps: int, spm_batch: int,
+def train_all(workdir: str, *, train: bool, multi: bool, dit_workdir: str, dit_steps: int, judge_steps: int, spm_steps: int, spm_batch: int,
               la_values: list[float], sample_steps: int, runlocal: bool) -> dict:
     rl = ",runlocal" if runlocal else ""
     dit = dit_workdir or os.path.join(workdir, "dit")
     runs = {"dit": _existing(dit) if dit_workdir else _train(f"dit_shapes:steps={dit_steps}{rl}", dit),
-            "judge": _train(f"judge_shapes:steps={judge_steps}{rl}", os.path.join(workdir, "judge"))}
-    jobs = [("star", la) for la in la_values] + [("blue", max(la_values))]
+            "judge": _train(f"judge_shapes:steps={judge_steps}{rl}", os.path.join(workdir, "judge"), train)}
+    jobs = [("star", la) for la in la_values] + ([("blue", max(la_values))] if multi else [])
     for concept, la in jobs:
         key = f"spm_{concept}_la{la:g}"
         runs[key] = _train(f"spm_shapes:init={dit},concept={concept},la={la},steps={spm_steps},"
-                           f"batch={spm_batch},rollout={sample_steps}{rl}", os.path.join(workdir, key))
+                           f"batch={spm_batch},rollout={sample_steps}{rl}", os.path.join(workdir, key), train)
     return runs
 
 
@@ -140,7 +190,7 @@ def evaluate_variant(images, original, judged, judged_orig, shape_ids, colour_id
     return out
 
 
-def evaluate(workdir: str, dit: str, runs: dict, *, la_values: list[float], samples: int, sample_steps: int,
+def evaluate(workdir: str, dit: str, runs: dict, *, multi: bool, prefix: str = "results", la_values: list[float], samples: int, sample_steps: int,
              guidance: float, seed: int) -> dict:
     from sqattn import sample as sample_lib
     base, base_cfg = sample_lib.load_model(dit)
@@ -200,8 +250,20 @@ def evaluate(workdir: str, dit: str, runs: dict, *, la_values: list[float], samp
             grids[f"star_{key}"] = images
     res["grid_star"] = grid
 
-    # multi-concept: star + blue, combined with FT (flat and mean cosine), paper form and factor sum
-    la = max(la_values)
+    res["eval_seconds_star"] = round(time.time() - t0, 1)
+    if multi:
+        res["multi"] = evaluate_multi(workdir, dit, base_cfg, sched, kw, noise, tokens, gamma_rows, original, jo,
+                                      judge_all, shape_ids, colour_ids, rows, others_both, samples, grids,
+                                      max(la_values))
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    res["pngs"] = write_grids(workdir, grids, samples, prefix=prefix)
+    return res
+
+
+def evaluate_multi(workdir, dit, base_cfg, sched, kw, noise, tokens, gamma_rows, original, jo, judge_all,
+                   shape_ids, colour_ids, rows, others_both, samples, grids, la) -> dict:
+    """The "star" and "blue" SPMs combined with FT (flat and mean cosine), paper form and factor sum."""
+    from sqattn import sample as sample_lib
     parts = [sample_lib.load_model(os.path.join(workdir, f"spm_{c}_la{la:g}"))[0] for c in ("star", "blue")]
     both = spm.combine(spm.apply_spm(sample_lib.load_model(dit)[0], num=2,
                                      rngs=nnx.Rngs(0)), parts)
@@ -223,13 +285,10 @@ def evaluate(workdir: str, dit: str, runs: dict, *, la_values: list[float], samp
                                  "mse_to_original": float(np.mean((images[sl] - original[sl]) ** 2))}
             multi[key] = r
             grids[f"multi_{key}"] = images
-    res["multi"] = multi
-    res["eval_seconds"] = round(time.time() - t0, 1)
-    res["pngs"] = write_grids(workdir, grids, samples)
-    return res
+    return multi
 
 
-def write_grids(workdir: str, grids: dict, samples: int, per_row: int = 8) -> list[str]:
+def write_grids(workdir: str, grids: dict, samples: int, per_row: int = 8, prefix: str = "results") -> list[str]:
     """One PNG per variant (rows = prompts, ``per_row`` samples each), compare.png (original | each variant,
     4 samples per prompt), and the same images in TensorBoard (``<workdir>/tb``)."""
     per_row = min(per_row, samples)
@@ -237,12 +296,12 @@ def write_grids(workdir: str, grids: dict, samples: int, per_row: int = 8) -> li
     paths = []
     pick = lambda imgs, k: np.concatenate([imgs[i * samples:i * samples + k] for i in range(len(PROMPTS))])  # noqa
     for name, imgs in grids.items():
-        paths.append(shapes.save_grid(os.path.join(workdir, f"grid_{name}.png"), pick(imgs, per_row), per_row,
+        paths.append(shapes.save_grid(os.path.join(workdir, f"{prefix}_grid_{name}.png"), pick(imgs, per_row), per_row,
                                       labels=labels))
     k = min(4, samples)
     cols = [pick(grids[n], k).reshape(len(PROMPTS), k, *grids[n].shape[1:]) for n in grids]
     canvas = np.concatenate(cols, axis=1).reshape(-1, *grids["original"].shape[1:])
-    paths.append(shapes.save_grid(os.path.join(workdir, "compare.png"), canvas, k * len(grids), labels=labels))
+    paths.append(shapes.save_grid(os.path.join(workdir, f"{prefix}_compare.png"), canvas, k * len(grids), labels=labels))
     try:
         from tensorboardX import SummaryWriter
         import matplotlib.image as mpimg
@@ -268,14 +327,15 @@ def main(argv):
     if not la_values:
         raise app.UsageError("--la needs at least one value")
     dit = FLAGS.dit_workdir or os.path.join(wd, "dit")
-    runs = train_all(wd, dit_workdir=FLAGS.dit_workdir, dit_steps=FLAGS.dit_steps, judge_steps=FLAGS.judge_steps, spm_steps=FLAGS.spm_steps,
+    runs = train_all(wd, train=FLAGS.train, multi=FLAGS.multi, dit_workdir=FLAGS.dit_workdir, dit_steps=FLAGS.dit_steps, judge_steps=FLAGS.judge_steps, spm_steps=FLAGS.spm_steps,
                      spm_batch=FLAGS.spm_batch, la_values=la_values, sample_steps=FLAGS.sample_steps,
                      runlocal=FLAGS.runlocal)
-    res = evaluate(wd, dit, runs, la_values=la_values, samples=FLAGS.samples, sample_steps=FLAGS.sample_steps,
+    res = evaluate(wd, dit, runs, multi=FLAGS.multi, prefix=os.path.splitext(FLAGS.results)[0], la_values=la_values, samples=FLAGS.samples, sample_steps=FLAGS.sample_steps,
                    guidance=FLAGS.guidance, seed=FLAGS.seed)
     res["settings"] = {k: getattr(FLAGS, k) for k in ("dit_steps", "dit_workdir", "judge_steps", "spm_steps", "spm_batch", "la",
-                                                       "samples", "sample_steps", "guidance", "seed", "runlocal")}
-    with open(os.path.join(wd, "results.json"), "w") as f:
+                                                       "samples", "sample_steps", "guidance", "seed", "runlocal", "train",
+                                                       "multi")}
+    with open(os.path.join(wd, FLAGS.results), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res, indent=1))
 
