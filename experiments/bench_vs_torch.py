@@ -38,6 +38,11 @@ suffer more than XLA's under oversubscription in the step rows). Re-run on a qui
   | T = 1024 (8 x 1024)                  | 570                     | 228           | 0.40x             |
   | T = 4096 (2 x 4096)                  | 1441                    | 572           | 0.40x             |
 
+  nice -n 10 python -m experiments.bench_vs_torch --quick --parts=step                  (load 18.8 -> 15.7)
+  lm_tiny bf16 step median: ours 2.27 s, torch eager bf16 8.01 s ("3.5x"): NOT a real speedup: on a quiet
+  machine issue 26 measured ours 0.132 s against torch 0.089 s; torch's spinning OpenMP threads lose far more
+  than XLA's under this oversubscription. lm_tiny's T = 128 fits one block, so its attention is the dense path.
+
 Before this change (issue 26, quiet machine, dense masked attention): 86.7 / 362 us/token against SDPA's
 17.8 / 44.0 (0.21x / 0.12x); the blocked path keeps the ratio flat in T (masked blocks skipped, no T x T
 buffer) but is still ~2.5x slower than SDPA's fused C++ flash kernel: XLA:CPU runs each step as separate
