@@ -47,7 +47,12 @@ colour acc 1.00.
 | LA, FT off (m = 1) | 0.792              | 0.111           | 1.000            | 0.0015    | 5.35          | 0.0013     |
 | LA, FT flat cosine | 0.792              | 0.111           | 1.000            | 0.0012    | 4.71          | 0.0013     |
 | LA, FT mean cosine | 0.792              | 0.111           | 1.000            | 0.0012    | 4.86          | 0.0013     |
-(no-LA rows: results_la0.json, if that evaluation finished; see the helper's report.)
+| no LA, FT off      | 0.833              | 0.049           | 0.819            | 0.207     | 2502          | 0.218      |
+| no LA, FT flat     | 0.833              | 0.049           | 0.868            | 0.192     | 2077          | 0.218      |
+| no LA, FT mean     | 0.833              | 0.042           | 0.861            | 0.197     | 2198          | 0.218      |
+(no-LA rows: --la=0 --nomulti --results=results_la0.json, same noise.) The one direction this toy does show:
+latent anchoring cuts the alteration of non-target prompts ~140x in pixel MSE (0.207 -> 0.0015) and keeps the
+colours (0.82 -> 1.00 colour accuracy); without LA the star SPM repaints every prompt (results_la0_grid_*.png).
 
 FT gammas (pitfall reproduced): with the official flattened-padded-state cosine, gamma_star is 0.87-0.92 for
 prompts without "star" (1.0 with it); the mean-of-non-padding cosine is no better here (0.89-0.95), because the
