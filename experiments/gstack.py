@@ -35,9 +35,9 @@ cores at load average 23-31 shared with other agents, almost all of it per-run s
   | g4_d0.4        | 2.8802 ± 0.0458        | 3/3                   | +29.5% [+11.7%, +54.0%]  | +183.4%    |
   | zero_g4_d0.2   | 2.8545 ± 0.0545        | 3/3                   | +49.4% [+21.8%, +88.3%]  | +118.5%    |
   | random_g4_d0.2 | 2.8795 ± 0.0367        | 3/3                   | +44.1% [+20.3%, +80.5%]  | +107.0%    |
-  | g2_d0.2        | 2.9483 (1 seed)        | 1/1                   | +6.2%                    | +35.0%     |
+  | g2_d0.2        | 2.9635 ± 0.0107        | 3/3                   | +5.8% [+5.2%, +6.2%]     | +34.4%     |
 
-(g2_d0.2: only seed 0 had finished when the table was taken.) As the note expects: stacking a trained base
+As the note expects: stacking a trained base
 beats scratch at equal FLOPs (base FLOPs counted) when the base has trained long enough (d = 0.2, 0.4 of F),
 a too-early base (d = 0.1, 16 steps of a 1-layer model) never catches up, and the loss jumps right after
 stacking (visible in gstack.png) before it falls below scratch. Unlike the paper, at this scale G_zero and
