@@ -9,70 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any, Callable
 
-import ml_collections
+# The small base LM and "train it here unless it is there" live in sqattn (notebooks use them too).
+from sqattn.configs.lm import small_lm as small_lm_config  # noqa: E402,F401
+from sqattn.train import train_or_load  # noqa: E402,F401
 
 
-def small_lm_config(*, steps: int, d_model: int = 64, layers: int = 4, seq_len: int = 128,
-                    batch_size: int = 16, seed: int = 0) -> ml_collections.ConfigDict:
-    """``lm_tiny`` at width ``d_model`` (heads of 16, kv heads of 32, SwiGLU 3·d) and depth ``layers``,
-    trained ``steps`` steps on rows of ``seq_len`` bytes; one checkpoint at the end, no periodic eval."""
-    from sqattn import configs
-    if d_model < 16 or d_model % 16:
-        raise ValueError(f"d_model must be a positive multiple of 16 (heads of 16), got {d_model}")
-    if steps < 1 or layers < 1 or seq_len < 2 or batch_size < 1:
-        raise ValueError(f"need steps, layers, batch_size >= 1 and seq_len >= 2; got steps={steps}, "
-                         f"layers={layers}, seq_len={seq_len}, batch_size={batch_size}")
-    cfg = configs.get("lm_tiny")
-    cfg.num_steps = steps
-    cfg.seed = seed
-    cfg.batch_size = batch_size
-    cfg.data.seq_len = seq_len
-    cfg.model.d_model = d_model
-    cfg.model.num_layers = layers
-    cfg.model.mlp_dim = 3 * d_model
-    cfg.model.mixers.attention.num_heads = d_model // 16
-    cfg.model.mixers.attention.num_kv_heads = max(1, d_model // 32)
-    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps // 10, 1))
-    cfg.eval_every = 0
-    cfg.eval_batches = 4
-    cfg.log_every = max(1, min(10, steps))
-    cfg.checkpoint_every = steps
-    cfg.mesh.fsdp = 1                      # one device: the model is tiny
-    return cfg
-
-
-def train_or_load(workdir: str, cfg: ml_collections.ConfigDict, *, progress: bool = True):
-    """Loads the model in ``workdir``, training ``cfg`` there first when it holds no checkpoint.
-
-    A workdir that already holds a checkpoint is loaded whatever config it was trained with (``cfg`` is then
-    unused): pass any finished run of ``experiments.train``.
-
-    Returns:
-      ``(model, config, info)``: the model on one device, the run's config, and ``{"workdir", "trained_here",
-      "steps", "d_model", "num_layers", "seq_len", "dtype"}`` plus, when trained here, ``train_wall_s``,
-      ``final_loss``, ``eval_loss`` and ``eval_bits_per_byte``.
-    """
-    from sqattn import sample
-    from sqattn.train import train_and_evaluate
-    from sqattn.train.checkpoint import has_checkpoint
-    info: dict[str, Any] = {"workdir": workdir, "trained_here": False}
-    if not has_checkpoint(workdir):
-        t0 = time.perf_counter()
-        out = train_and_evaluate(cfg, workdir, progress=progress)
-        if out.get("stopped_early"):
-            raise RuntimeError(f"training in {workdir} stopped early at step {out['step']}; rerun to resume it")
-        info.update(trained_here=True, train_wall_s=time.perf_counter() - t0, final_loss=float(out["loss"]))
-        for key in ("eval_loss", "eval_bits_per_byte"):
-            if key in out:
-                info[key] = float(out[key])
-    model, config = sample.load_model(workdir)
-    info.update(steps=int(config.num_steps), d_model=int(config.model.d_model),
-                num_layers=int(config.model.num_layers), seq_len=int(config.data.seq_len),
-                dtype=str(config.model.dtype))
-    return model, config, info
+def digest(obj) -> str:
+    """8 hex digits naming a settings dict (a run directory per settings, never reused for others)."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def cached_record(path: str, key: Any, compute: Callable[[], dict]) -> tuple[dict, bool]:

@@ -4,7 +4,9 @@ Pipeline: a byte-level base LM (``lm_tiny`` shrunk to ``--base_d_model``/``--bas
 ``--base_workdir`` unless it already holds a checkpoint) -> entropies of the frozen base on held-in text ->
 ``decreasing_v2`` segmentation (mean group size = oracle KV compression) -> graft the compositional embedder,
 micro-step decoder and stop head, fine-tune all weights (AdamW, lr 5e-4 base / 1e-3 grafted, cosine, clip 1)
-with CE + 0.5 BCE(stop) -> evaluate on held-out text:
+with CE + 0.5 BCE(stop): a run of the one trainer (the registered config ``hamburger:base=<base run>``, in
+``<workdir>/runs/finetune-<settings digest>``; killed, it resumes; finished, it is reused) -> evaluate on
+held-out text:
   (a) teacher-forced NLL per response token (oracle segmentation) vs the frozen base's NLL on the same tokens;
   (b) per-micro-step accuracy, next to the base's accuracy on the tokens at the same micro index;
   (c) greedy generation from ``--num_prompts`` prompts at each confidence c: KV compression (tokens / macro
@@ -79,6 +81,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
+from sqattn.models.hamburger_task import make_base_stats, segment_rows  # noqa: F401 (re-exported)
 
 FLAGS = flags.FLAGS
 
@@ -111,56 +114,9 @@ def define_flags() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def make_base_stats(base):
-    """Jitted ``tokens [b, n] -> (entropy [b, n], nll [b, n-1], correct [b, n-1])`` of the frozen base.
-
-    ``entropy[:, t]`` is the entropy of the prediction made at position t (for token t+1); ``nll[:, t]`` and
-    ``correct[:, t]`` score token t+1.
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    graphdef, state = nnx.split(base)
-
-    @jax.jit
-    def stats(tokens):
-        logits, _ = nnx.merge(graphdef, state)(tokens)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)        # [b,n,V]
-        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-        nll = -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
-        correct = jnp.argmax(logp[:, :-1], axis=-1) == tokens[:, 1:]
-        return entropy, nll, correct
-
-    return lambda tokens: tuple(np.asarray(x) for x in jax.device_get(stats(jnp.asarray(tokens, jnp.int32))))
-
-
-def segment_rows(entropy: np.ndarray, prompt_len: int, s_max: int) -> list[np.ndarray]:
-    """decreasing_v2 group lengths of each row's response (tokens ``prompt_len ..``), from the base entropies."""
-    from sqattn.models.hamburger import segment_decreasing_v2
-    n = entropy.shape[1]
-    return [segment_decreasing_v2(h[prompt_len - 1:n - 1], s_max=s_max) for h in entropy]
-
-
 def micro_index(lens: Sequence[int]) -> np.ndarray:
     """Index of each response token within its group: [2, 1, 3] -> [0, 1, 0, 0, 1, 2]."""
     return np.concatenate([np.arange(s) for s in lens]) if len(lens) else np.zeros((0,), int)
-
-
-def make_optimizer(params, steps: int, *, lr_base: float = 5e-4, lr_grafted: float = 1e-3):
-    """AdamW per parameter group (base / grafted), warmup + cosine to 10%, global-norm clip 1.0."""
-    import jax
-    import optax
-    from sqattn.train.optim import decay_mask
-    warmup = min(50, max(steps // 10, 1))
-
-    def adamw(lr):
-        sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.1)
-        return optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.1, mask=decay_mask)
-
-    labels = jax.tree_util.tree_map_with_path(lambda path, _: "base" if path[0].key == "base" else "grafted",
-                                              params)
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.multi_transform({"base": adamw(lr_base), "grafted": adamw(lr_grafted)}, labels))
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -171,54 +127,32 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
-def finetune(ham, base_stats, train_ds, *, steps: int, prompt_len: int, seed: int, progress: bool = True):
-    """Fine-tunes every weight of ``ham`` with its loss.
+def finetune(base_workdir: str, run_dir: str, *, steps: int, batch_size: int, seq_len: int, prompt_len: int,
+             s_max: int, micro_layers: int, seed: int, progress: bool = True):
+    """Fine-tunes a HAMburger grafted onto the LM run in ``base_workdir``: a run of the one trainer in
+    ``run_dir`` (``configs.hamburger.config_for``; resumed if it was interrupted, reused if finished).
 
     Returns:
-      (trained ham, {"curve": loss records, "traces": times the step was traced}, oracle compression =
-      response tokens / groups of the segmented fine-tuning text).
+      (trained ham, {"curve": loss records, "compile_s", "run_dir"}, oracle compression = response tokens /
+      groups of the segmented fine-tuning text).
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-    from sqattn.models import hamburger as hb
-    graphdef, params = nnx.split(ham)      # plain arrays: sample.load_model returns no mesh-placed ones
-    tx = make_optimizer(params, steps)
-    opt_state = tx.init(params)
-    traces = []
-
-    @jax.jit     # no donation: the arrays are shared with the frozen base until the first update
-    def train_step(params, opt_state, batch):
-        traces.append(1)
-
-        def f(p):
-            return nnx.merge(graphdef, p).loss(batch)
-        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, dict(metrics, loss=loss)
-
-    curve, tokens, groups = [], 0, 0
-    bar = _progress(steps, "fine-tune", progress)
-    offset = 1_000_003 * (seed + 1)       # held-in windows other than the base's own training steps
-    for step in range(steps):
-        toks = train_ds.batch(offset + step)["inputs"]
-        lens = segment_rows(base_stats(toks)[0], prompt_len, ham.s_max)
-        tokens += sum(int(x.sum()) for x in lens)
-        groups += sum(len(x) for x in lens)
-        batch = {k: jnp.asarray(v) for k, v in hb.layout_batch(toks, prompt_len, lens, s_max=ham.s_max).items()}
-        params, opt_state, m = train_step(params, opt_state, batch)
-        if step % 25 == 0 or step == steps - 1:
-            m = jax.device_get(m)
-            rec = {"step": step + 1, **{k: float(m[k]) for k in ("loss", "ce", "bce", "accuracy")}}
-            curve.append(rec)
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}")
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return nnx.merge(graphdef, params), {"curve": curve, "traces": len(traces)}, tokens / max(groups, 1)
+    from sqattn import sample
+    from sqattn.configs import hamburger as ham_configs
+    from sqattn.models.hamburger_task import HAMburgerTask
+    from sqattn.train import metrics as metrics_lib
+    from sqattn.train import train_and_evaluate
+    cfg = ham_configs.config_for(base_workdir, steps=steps, batch_size=batch_size, s_max=s_max,
+                                 micro_layers=micro_layers, prompt_len=prompt_len, seed=seed)
+    cfg.data.seq_len = seq_len
+    out = train_and_evaluate(cfg, run_dir, progress=progress)
+    if out.get("stopped_early"):
+        raise RuntimeError(f"fine-tune in {run_dir} stopped at step {out['step']}; rerun to resume it")
+    curve = [{k: r[k] for k in ("step", "loss", "ce", "bce", "accuracy")}
+             for r in metrics_lib.read_metrics(run_dir) if "loss" in r]
+    ham, _ = sample.load_model(run_dir)
+    train_ds, _ = HAMburgerTask().make_datasets(cfg)
+    oracle = train_ds.oracle_compression([cfg.data_offset + i for i in range(steps)])
+    return ham, {"curve": curve, "compile_s": out.get("compile_s"), "run_dir": run_dir}, oracle
 
 
 def teacher_forced_eval(ham, base_stats, eval_ds, *, batches: int, prompt_len: int) -> dict[str, Any]:
@@ -405,7 +339,6 @@ def run(workdir: str, *, base_workdir: str | None = None, base_steps: int = 500,
     """
     from flax import nnx
     from sqattn import data
-    from sqattn.models.hamburger import HAMburger
     from sqattn.train import state as state_lib
     if not 1 <= train_prompt_len < seq_len:
         raise ValueError(f"train_prompt_len must be in [1, seq_len={seq_len}), got {train_prompt_len}")
@@ -427,15 +360,15 @@ def run(workdir: str, *, base_workdir: str | None = None, base_steps: int = 500,
     base_stats = make_base_stats(frozen)
     data_cfg = config.data
     data_cfg.seq_len = seq_len
-    train_ds = data.make_dataset(data_cfg, batch_size=batch_size, split="train")
     eval_ds = data.make_dataset(data_cfg, batch_size=batch_size, split="eval")
 
-    # --- graft + fine-tune
-    ham = HAMburger(nnx.clone(frozen), s_max=s_max, micro_layers=micro_layers, rngs=nnx.Rngs(seed))
-    counts = {name: state_lib.param_count(nnx.state(getattr(ham, name))) for name in ("base", "embedder", "decoder")}
+    # --- graft + fine-tune: a trainer run per settings
+    ft_settings = dict(steps=steps, batch_size=batch_size, seq_len=seq_len, prompt_len=train_prompt_len,
+                       s_max=s_max, micro_layers=micro_layers, seed=seed)
     t_ft = time.perf_counter()
-    ham, ft, oracle_train = finetune(ham, base_stats, train_ds, steps=steps, prompt_len=train_prompt_len,
-                                     seed=seed, progress=progress)
+    ham, ft, oracle_train = finetune(base_workdir, os.path.join(workdir, "runs", f"finetune-{common.digest(ft_settings)}"),
+                                     progress=progress, **ft_settings)
+    counts = {name: state_lib.param_count(nnx.state(getattr(ham, name))) for name in ("base", "embedder", "decoder")}
     ft.update(wall_s=time.perf_counter() - t_ft, params=counts)
 
     # --- evaluation

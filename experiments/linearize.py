@@ -70,19 +70,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
 from typing import Any, Sequence
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from sqattn.train.tasks import weighted_cross_entropy
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "liger": dict(mixer={}, finetune=True),
@@ -92,7 +89,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mamba2_gate": dict(mixer=dict(gate="mamba2"), finetune=True),
     "no_finetune": dict(mixer={}, finetune=False),
 }
-LORA_TARGETS = ("q", "k", "v")
+from sqattn.configs.liger import LORA_TARGETS  # noqa: E402
 # Relative eval-loss difference allowed between merged and unmerged LoRA, by compute dtype.
 MERGE_RTOL = {"float32": 1e-4, "bfloat16": 1e-2}
 log = logging.getLogger("sqattn.linearize")
@@ -147,75 +144,24 @@ def get_teacher(workdir: str, *, steps: int, d_model: int, layers: int, seq_len:
 # ----------------------------------------------------------------------------------------------
 
 
-@nnx.jit
-def _eval_batch(model, inputs, targets, weights):
-    """(sum of next-byte NLL in nats, sum of weights) of one batch."""
-    logits, _ = model(inputs)
-    nll, weight, _ = weighted_cross_entropy(logits, targets, weights)
-    return nll, weight
-
-
 def eval_bpb(model: nnx.Module, data_cfg, *, seq_len: int, eval_tokens: int, batch_size: int,
              progress: bool = False, desc: str = "eval") -> float:
-    """Bits per byte of ``model`` over the first ``eval_tokens // seq_len`` eval windows of length ``seq_len``."""
-    from sqattn import data
-    cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-    cfg.seq_len = seq_len
-    ds = data.make_dataset(cfg, batch_size=batch_size, split="eval")
-    n = max(1, eval_tokens // (seq_len * batch_size))
-    if ds.num_batches is not None:
-        n = min(n, ds.num_batches)
-    nll = weight = 0.0
-    it = range(n)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"{desc} @{seq_len}", unit="batch", leave=False, dynamic_ncols=True)
-    for i in it:
-        b = ds.batch(i)
-        s, w = _eval_batch(model, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"]), jnp.asarray(b["weights"]))
-        nll, weight = nll + float(s), weight + float(w)
-    return nll / max(weight, 1.0) / math.log(2.0)
+    """``sqattn.sample.bits_per_byte`` (kept under this name for the experiment's callers)."""
+    from sqattn import sample
+    return sample.bits_per_byte(model, data_cfg, seq_len=seq_len, eval_tokens=eval_tokens, batch_size=batch_size,
+                                progress=progress, desc=desc)
 
 
 def finetune_config(name: str, teacher_workdir: str, teacher_cfg, *, steps: int, finetune_seq_len: int,
                     window: int, batch_size: int, lr: float, chunk_size: int, seed: int):
-    """The trainer config of variant ``name``'s LoRA fine-tune: the teacher's run turned into a Liger model.
-
-    ``init`` transplants every teacher weight into the linearised model (``init.transfer="transplant"``),
-    ``peft`` wraps q, k, v in LoRA rank 8 / alpha 8 and ``optim.trainable`` trains only the adapters (plus the
-    new gate projection of ``fresh_gate``) with AdamW at a constant ``lr``, no decay, clip 1, on another draw of
-    the teacher's train text. ``python -m experiments.train`` takes the same settings as overrides.
-    """
-    from sqattn.models.convert import linearize_config
+    """The trainer config of variant ``name``'s LoRA fine-tune (``sqattn.configs.liger.config_for`` with the
+    variant's mixer options)."""
+    from sqattn.configs import liger
     mixer = mixer_config(name, window=window, chunk_size=chunk_size)
-    cfg = ml_collections.ConfigDict(teacher_cfg.to_dict())
-    for key, default in (("init", base_sections().init), ("peft", base_sections().peft)):
-        if key not in cfg:                      # a teacher saved before these settings existed
-            cfg[key] = default
-    cfg.model = linearize_config(teacher_cfg.model, mixer_cfg=mixer)
+    cfg = liger.config_for(teacher_workdir, teacher_config=teacher_cfg, mixer=mixer, steps=steps,
+                           seq_len=finetune_seq_len, batch_size=batch_size, lr=lr, seed=seed)
     cfg.name = f"linearize:{name}"
-    cfg.seed = seed
-    cfg.num_steps = steps
-    cfg.batch_size = batch_size
-    cfg.data.seq_len = finetune_seq_len
-    cfg.data.seed = int(teacher_cfg.data.get("seed", 0)) + 1000 + seed   # other train windows than the teacher's
-    cfg.init.workdir, cfg.init.step, cfg.init.transfer = teacher_workdir, -1, "transplant"
-    cfg.peft.method, cfg.peft.targets, cfg.peft.rank, cfg.peft.alpha = "lora", ",".join(LORA_TARGETS), 8, 8.0
-    cfg.optim.update(dict(lr=lr, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, b1=0.9, b2=0.999,
-                          eps=1e-8, grad_clip=1.0, grad_accum=1,
-                          trainable="lora_" + ("|mixer/gate/" if mixer["gate"] == "fresh" else "")))
-    cfg.eval_every, cfg.eval_batches = 0, 1
-    cfg.log_every = 1
-    cfg.checkpoint_every = max(1, min(100, steps))
-    cfg.keep_checkpoints = 1
-    cfg.mesh.fsdp = 1
     return cfg
-
-
-def _digest(obj) -> str:
-    """8 hex digits naming a settings dict (a fine-tune run directory per settings, never reused for others)."""
-    import hashlib
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def base_sections():
@@ -406,7 +352,7 @@ def run(workdir: str, *, teacher_workdir: str | None = None, teacher_steps: int 
                 lambda: run_variant(name, teacher_workdir, tcfg, steps=steps, finetune_seq_len=finetune_seq_len,
                                     window=window, eval_lengths=eval_lengths, eval_tokens=eval_tokens,
                                     batch_size=batch_size, lr=lr, chunk_size=chunk_size, seed=seed,
-                                    run_dir=os.path.join(workdir, "runs", f"{name}-{_digest(key)}"),
+                                    run_dir=os.path.join(workdir, "runs", f"{name}-{common.digest(key)}"),
                                     save_dir=model_dir,
                                     progress=progress))
             results["variants"][name] = rec

@@ -25,6 +25,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics.jsonl, tb/, loss.png).")
     flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print sizes/memory/FLOPs as a table and a "
                       "final JSON line, and exit without allocating it.")
+    flags.DEFINE_string("compilation_cache", None, "Persistent compilation cache directory (default "
+                        "$SQATTN_COMPILATION_CACHE or ~/.cache/sqattn/jax); empty turns it off.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
     flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes what the run "
@@ -78,6 +80,8 @@ def _main():
         jax.distributed.initialize()
     from sqattn.configs import cli
     from sqattn.configs.validate import ConfigError
+    from sqattn.train.trainer import enable_compilation_cache
+    enable_compilation_cache(FLAGS.compilation_cache)
     try:
         config, _ = cli.config_from_argv(_CONFIG_ARGV, DEFAULT_CONFIG)
     except (ValueError, TypeError) as e:

@@ -236,6 +236,41 @@ def generate(model: nnx.Module, prompt_tokens: Sequence[int] | np.ndarray, max_n
 
 
 # ----------------------------------------------------------------------------------------------- bytes
+def bits_per_byte(model: nnx.Module, data_cfg, *, seq_len: int, eval_tokens: int, batch_size: int,
+                  progress: bool = False, desc: str = "eval") -> float:
+    """Bits per byte of LM ``model`` over the first ``eval_tokens // seq_len`` eval windows of ``seq_len`` bytes
+    of the data source ``data_cfg`` (at least one batch; all of a finite source at most)."""
+    import math
+
+    from sqattn import data
+    cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    cfg.seq_len = seq_len
+    ds = data.make_dataset(cfg, batch_size=batch_size, split="eval")
+    n = max(1, eval_tokens // (seq_len * batch_size))
+    if ds.num_batches is not None:
+        n = min(n, ds.num_batches)
+    graphdef, state = nnx.split(model)
+    nll = weight = 0.0
+    it = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"{desc} @{seq_len}", unit="batch", leave=False, dynamic_ncols=True)
+    for i in it:
+        b = ds.batch(i)
+        s, w = _nll_sum(graphdef, state, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"]),
+                        jnp.asarray(b["weights"]))
+        nll, weight = nll + float(s), weight + float(w)
+    return nll / max(weight, 1.0) / math.log(2.0)
+
+
+@jax.jit
+def _nll_sum(graphdef, state, inputs, targets, weights):
+    """(sum of next-byte NLL in nats, sum of weights) of one batch."""
+    logits, _ = nnx.merge(graphdef, state)(inputs)
+    nll, weight, _ = tasks_lib.weighted_cross_entropy(logits, targets, weights)
+    return nll, weight
+
+
 def is_byte_level(config) -> bool:
     """Whether the run's tokens are bytes (so ``encode``/``decode`` apply)."""
     return config.data.name in tasks_lib.BYTE_LEVEL_SOURCES and config.model.get("vocab_size", 256) >= 256

@@ -65,3 +65,11 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
         assert any("eval_loss" in r for r in records)
         assert os.listdir(workdir / "checkpoints")
         assert "'def " in printed      # the batched greedy samples were printed
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebooks_import_only_the_package(path):
+    """Notebooks hold no model or training code of their own and import sqattn, never the experiment binaries."""
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "from experiments" not in code and "import experiments" not in code

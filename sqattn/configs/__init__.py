@@ -14,6 +14,8 @@ import ml_collections
 # name -> (module under sqattn.configs, default arg)
 REGISTRY: dict[str, tuple[str, str]] = {
     "lm_tiny": ("lm", "mixer=attention"),
+    "hamburger": ("hamburger", ""),
+    "liger": ("liger", ""),
     "swa_tiny": ("lm", "mixer=swa"),
     "gla_tiny": ("lm", "mixer=gla"),
     "sse_h_tiny": ("sse_h", "size=tiny"),

@@ -17,6 +17,7 @@ def optim_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,        # global-norm clip; 0 disables
         grad_accum=1,         # micro-batches per step (batch_size is the full step batch)
         trainable="",         # regex over parameter paths ("blocks/0/mixer/q/lora_a"); "" = all. Others frozen
+        lr_scale="",          # "regex=factor,...": the updates (lr and decay) of matching paths scaled; first wins
     ))
 
 

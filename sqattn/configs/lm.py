@@ -77,3 +77,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if a.mixer in ("mamba", "mamba2"):
             c.model.mlp_dim = 0
     return c
+
+
+def small_lm(*, steps: int, d_model: int = 64, layers: int = 4, seq_len: int = 128,
+             batch_size: int = 16, seed: int = 0) -> ml_collections.ConfigDict:
+    """The small base LM of the reproductions that start from a trained LM (hamburger.md, liger.md: d 64, 4
+    blocks, bytes of Python at T 128, batch 16; 500 steps train in ~80 s on two quiet cores):
+    ``lm_tiny`` at width ``d_model`` (heads of 16, kv heads of 32, SwiGLU 3·d) and depth ``layers``,
+    trained ``steps`` steps on rows of ``seq_len`` bytes; one checkpoint at the end, no periodic eval."""
+    if d_model < 16 or d_model % 16:
+        raise ValueError(f"d_model must be a positive multiple of 16 (heads of 16), got {d_model}")
+    if steps < 1 or layers < 1 or seq_len < 2 or batch_size < 1:
+        raise ValueError(f"need steps, layers, batch_size >= 1 and seq_len >= 2; got steps={steps}, "
+                         f"layers={layers}, seq_len={seq_len}, batch_size={batch_size}")
+    cfg = get_config("mixer=attention")
+    cfg.name = "lm_tiny"
+    cfg.num_steps = steps
+    cfg.seed = seed
+    cfg.batch_size = batch_size
+    cfg.data.seq_len = seq_len
+    cfg.model.d_model = d_model
+    cfg.model.num_layers = layers
+    cfg.model.mlp_dim = 3 * d_model
+    cfg.model.mixers.attention.num_heads = d_model // 16
+    cfg.model.mixers.attention.num_kv_heads = max(1, d_model // 32)
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps // 10, 1))
+    cfg.eval_every = 0
+    cfg.eval_batches = 4
+    cfg.log_every = max(1, min(10, steps))
+    cfg.checkpoint_every = steps
+    cfg.mesh.fsdp = 1                      # one device: the model is tiny
+    return cfg

@@ -38,6 +38,12 @@ def validate(cfg: ml_collections.ConfigDict, *, check_devices: bool = True) -> N
     _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1 and optim.b2 must be in [0, 1), got {o.b1}, {o.b2}")
     _check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    if o.get("lr_scale"):
+        from sqattn.train.optim import parse_lr_scale
+        try:
+            parse_lr_scale(o.lr_scale)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     init, peft = cfg.get("init"), cfg.get("peft")
     if init is not None:
         _check(init.transfer in ("same", "transplant"),

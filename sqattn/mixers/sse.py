@@ -101,7 +101,12 @@ class SSE(nnx.Module):
       aux_loss_coef: weight of the partition balance loss (0.01 in the paper's code).
       form: "mask" | "sorted" | "recurrent" (see module docstring).
       chunk_size, impl: passed to the ops (impl: auto|ref|chunked|interpret|pallas).
-      short_conv: depthwise causal conv (width 4) on q1 and k1.
+      short_conv: depthwise causal conv (width 4) on the q and k projections.
+      conv_placement: where the conv's output goes. "shared" (the authors' placement, fla's SSE layer): only the
+        shared branch reads conv(q), conv(k); the sparse branch is the raw projection plus its low-rank delta.
+        "both": conv(q), conv(k) feed both branches (sparse = conv(q) + delta), i.e. the sparse partitions also
+        see the local mixing; an option for ablations, not the paper's model.
+      conv_bias: a bias in the conv (the authors' default: none).
       gate_rank / gate_norm: the two low-rank gates.  delta_rank: rank of the sparse q/k deltas
         (default d, as in FLA).
     """
@@ -110,10 +115,13 @@ class SSE(nnx.Module):
                  head_k_dim: int | None = None, head_v_dim: int | None = None,
                  num_partitions: int = 4, top_k: int = 1, aux_loss_coef: float = 0.01,
                  form: str = "mask", chunk_size: int = 64, impl: str = "auto",
-                 short_conv: bool = False, gate_rank: int = 16, gate_norm: float = 16.0,
-                 delta_rank: int | None = None, out_scale: float = 1.0):
+                 short_conv: bool = False, conv_placement: str = "shared", conv_bias: bool = False,
+                 gate_rank: int = 16, gate_norm: float = 16.0, delta_rank: int | None = None,
+                 out_scale: float = 1.0):
         if form not in FORMS:
             raise ValueError(f"sse: unknown form {form!r}; expected one of {FORMS}")
+        if conv_placement not in ("shared", "both"):
+            raise ValueError(f"sse: conv_placement must be 'shared' or 'both', got {conv_placement!r}")
         if not 1 <= top_k <= num_partitions:
             raise ValueError(f"sse: need 1 <= top_k <= num_partitions, got top_k={top_k}, "
                              f"num_partitions={num_partitions}")
@@ -142,13 +150,18 @@ class SSE(nnx.Module):
         self.o_norm = RMSNorm(d)
         self.o = Dense(hd, d_model, axes=("heads", "embed"), rngs=rngs, dtype=dtype,
                        init_scale=out_scale)
-        self.conv_q = ShortConv(hc, rngs=rngs, dtype=dtype) if short_conv else None
-        self.conv_k = ShortConv(hc, rngs=rngs, dtype=dtype) if short_conv else None
+        self.conv_placement = conv_placement
+        self.conv_q = ShortConv(hc, rngs=rngs, dtype=dtype, use_bias=conv_bias) if short_conv else None
+        self.conv_k = ShortConv(hc, rngs=rngs, dtype=dtype, use_bias=conv_bias) if short_conv else None
 
     # ---- features shared by every form and by ``step`` (x: [..., d_model])
-    def _features(self, x, q1, k1) -> dict:
+    def _features(self, x, q1, k1, q_raw, k_raw) -> dict:
+        """``q1, k1``: the shared branch's projections (after the conv, if any); ``q_raw, k_raw``: the
+        projections the sparse branch adds its deltas to (see ``conv_placement``)."""
         shape = x.shape[:-1]
-        q2, k2 = q1 + self.q_delta(x), k1 + self.k_delta(x)  # [..., h*c]
+        if self.conv_placement == "both":
+            q_raw, k_raw = q1, k1
+        q2, k2 = q_raw + self.q_delta(x), k_raw + self.k_delta(x)  # [..., h*c]
 
         def heads(y, dim):
             return y.reshape(*shape, self.h, dim)  # [..., h, dim]
@@ -174,10 +187,11 @@ class SSE(nnx.Module):
 
     # ---- parallel forms
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-        q1, k1 = self.q(x), self.k(x)
+        q_raw, k_raw = self.q(x), self.k(x)
+        q1, k1 = q_raw, k_raw
         if self.conv_q is not None:
-            q1, k1 = self.conv_q(q1, segment_ids), self.conv_k(k1, segment_ids)
-        f = self._features(x, q1, k1)
+            q1, k1 = self.conv_q(q_raw, segment_ids), self.conv_k(k_raw, segment_ids)
+        f = self._features(x, q1, k1, q_raw, k_raw)
         loss, p, usage = balance_loss(f["e"], f["mask"], self.top_k)
         self._sow("aux_loss", self.aux_loss_coef * loss)
         self._sow("partition_prob", p)
@@ -255,12 +269,13 @@ class SSE(nnx.Module):
         return cache
 
     def step(self, x_t: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        q1, k1 = self.q(x_t), self.k(x_t)  # [b, h*c]
+        q_raw, k_raw = self.q(x_t), self.k(x_t)  # [b, h*c]
+        q1, k1 = q_raw, k_raw
         new = dict(cache)
         if self.conv_q is not None:
-            q1, new["conv_q"] = self.conv_q.step(q1, cache["conv_q"])
-            k1, new["conv_k"] = self.conv_k.step(k1, cache["conv_k"])
-        f = self._features(x_t, q1, k1)
+            q1, new["conv_q"] = self.conv_q.step(q_raw, cache["conv_q"])
+            k1, new["conv_k"] = self.conv_k.step(k_raw, cache["conv_k"])
+        f = self._features(x_t, q1, k1, q_raw, k_raw)
         o, states = self._token(f, {"shared": cache["shared"], "sparse": cache["sparse"]})
         new.update(states)
         return self._output(o, x_t), new

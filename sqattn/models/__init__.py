@@ -7,6 +7,7 @@ import importlib
 # model_name -> "module:Class"; the class is built as Class(**config.model, rngs=rngs).
 MODELS = {
     "lm": "sqattn.models.lm:LM",
+    "hamburger": "sqattn.models.hamburger_task:build_hamburger",
     "ctr_lr": "sqattn.models.ctr:LR",
     "ctr_dnn": "sqattn.models.ctr:DNN",
     "dcn": "sqattn.models.ctr:DCN",

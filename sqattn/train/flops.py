@@ -10,10 +10,12 @@ import jax.numpy as jnp
 
 
 @functools.lru_cache(maxsize=None)
-def measured_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a bf16-input, f32-accumulate [n,n]x[n,n] matmul on the default device (best of repeats)."""
-    a = jnp.ones((n, n), jnp.bfloat16)
-    b = jnp.ones((n, n), jnp.bfloat16)
+def measured_peak_flops(n: int = 1024, repeats: int = 5, dtype: str = "bfloat16") -> float:
+    """FLOP/s of a ``dtype``-input, f32-accumulate [n,n]x[n,n] matmul on the default device (best of repeats).
+
+    Measure with the run's compute dtype: on CPU a bf16 matmul and an f32 one differ by up to 2x either way."""
+    a = jnp.ones((n, n), dtype)
+    b = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f(a, b).block_until_ready()
     best = float("inf")
@@ -24,14 +26,14 @@ def measured_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
-def system_peak_flops() -> float:
-    """Peak FLOP/s of all devices of the run, from one measured device.
+def system_peak_flops(dtype: str = "bfloat16") -> float:
+    """Peak FLOP/s of all devices of the run for ``dtype`` matmuls, from one measured device.
 
     CPU "devices" (including ``--xla_force_host_platform_device_count`` simulated ones) share the host's
     cores, and one device's matmul already uses all of them, so the CPU peak is one measurement per process;
     accelerators add up per device.
     """
-    per_device = measured_peak_flops()
+    per_device = measured_peak_flops(dtype=str(jnp.dtype(dtype)))
     if jax.default_backend() == "cpu":
         return per_device * jax.process_count()
     return per_device * jax.device_count()

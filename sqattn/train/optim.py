@@ -32,7 +32,47 @@ def make_optimizer(o, num_steps: int) -> tuple[optax.GradientTransformation, opt
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                              mask=decay_mask))
+    if o.get("lr_scale"):
+        parts.append(scale_by_path(parse_lr_scale(o.lr_scale)))
     return optax.chain(*parts), schedule
+
+
+def parse_lr_scale(spec: str) -> list[tuple[str, float]]:
+    """``"^base/=0.5,decoder=2"`` -> [("^base/", 0.5), ("decoder", 2.0)] (regexes checked).
+
+    Raises:
+      ValueError: an entry is not ``regex=factor``, the regex does not compile, or the factor is not > 0.
+    """
+    import re
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        rx, eq, val = item.rpartition("=")
+        try:
+            factor = float(val)
+            re.compile(rx)
+        except (ValueError, re.error) as e:
+            raise ValueError(f"optim.lr_scale entry {item!r} is not 'regex=factor': {e}") from None
+        if not eq or not rx or not factor > 0:
+            raise ValueError(f"optim.lr_scale entry {item!r} is not 'regex=factor' with factor > 0")
+        out.append((rx, factor))
+    return out
+
+
+def scale_by_path(rules: list[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiplies the update of every parameter whose path matches a rule's regex by its factor (first match;
+    unmatched: 1). After AdamW this scales that parameter's learning rate and decoupled decay alike."""
+    import re
+    compiled = [(re.compile(rx), f) for rx, f in rules]
+
+    def factors(params):
+        paths = param_paths(params)
+        fs = [next((f for rx, f in compiled if rx.search(p)), 1.0) for p in paths]
+        return jax.tree.unflatten(jax.tree.structure(params), fs)
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, f: u if f == 1.0 else u * f, updates, factors(updates)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def param_paths(params) -> list[str]:

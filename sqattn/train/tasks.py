@@ -73,9 +73,9 @@ class LMTask:
 # e.g. in sqattn/science/bearing/, adds one line here and costs nothing until a config names it).
 TASKS: dict[str, type | str] = {
     "lm": LMTask,
+    "hamburger": "sqattn.models.hamburger_task:HAMburgerTask",
     "ctr": "sqattn.train.ctr_task:CTRTask",
     "bearing": "sqattn.science.bearing.task:BearingTask",
-    "lm_fade": "sqattn.growth.fade:FadeLMTask",
     "classify": "sqattn.train.classify_task:ClassifyTask",
     "lm_fade": "sqattn.growth.fade:FadeLMTask",
     "teacher": "sqattn.analysis.teacher:TeacherTask",

@@ -263,6 +263,40 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
+_cache_choice: str | None = None
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache, so a rerun or restart loads its compiled steps.
+
+    ``path``: the cache directory; ``None`` = ``$SQATTN_COMPILATION_CACHE`` or ``~/.cache/sqattn/jax``; ``""``
+    (or the variable set to "") leaves the cache off. A cache directory configured before (e.g. by a test
+    harness or the user's own ``jax.config``) is kept. Returns the directory in use, or ``None``.
+    """
+    global _cache_choice
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    if path is None and _cache_choice == "":
+        return None               # turned off explicitly earlier (e.g. --compilation_cache=)
+    if path is not None:
+        _cache_choice = path
+    if path is None:
+        path = os.environ.get("SQATTN_COMPILATION_CACHE",
+                              os.path.join(os.path.expanduser("~"), ".cache", "sqattn", "jax"))
+    if not path:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        log.warning("compilation cache %r unusable (%s); compiling without it", path, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------- main
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                        progress: bool = True, allow_config_change: bool = False) -> dict[str, Any]:
@@ -287,6 +321,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     """
     with _Signals() as signals:
         validate(config)
+        enable_compilation_cache()
         workdir_lib.prepare(workdir)
         is_main = jax.process_index() == 0
         lock = workdir_lib.WorkdirLock(workdir).acquire() if is_main else None
@@ -398,10 +433,17 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
         eval_step = jax.jit(make_eval_step(setup.graphdef, task),
                             in_shardings=(setup.state_shardings["params"], None))
 
+        # Compiled ahead of the loop so its time is reported apart and kept out of tokens/s and MFU.
+        t0 = time.perf_counter()
+        if start < config.num_steps:
+            train_step = train_step.lower(state, to_global(train_ds.batch(start + data_offset))).compile()
+        compile_s = time.perf_counter() - t0
+    log.info("compiled the train step in %.2f s", compile_s)
+
     model_view = nnx.merge(setup.graphdef, setup.abstract_params)
     seq_len = int(getattr(train_ds, "seq_len", 1))
     fpt = state_lib.flops_per_token(model_view, setup.abstract_params, seq_len)
-    peak = flops_lib.system_peak_flops()
+    peak = flops_lib.system_peak_flops(config.model.get("dtype", "float32"))
     tokens_per_step = config.batch_size * seq_len
     flops0 = _source_flops(config)
     ctx = HookContext(config, setup.graphdef, task, setup.mesh, setup.state_shardings,
@@ -432,6 +474,9 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
     bar = _progress(config.num_steps, start, progress and is_main)
     if bar is not None:
         closers.append(bar.close)
+        bar.write(f"compiled the train step in {compile_s:.2f} s")
+    if is_main:
+        writer.write_event({"step": start, "event": "compile", "train_step_s": round(compile_s, 3)})
     signals.phase = "train"
     with sharding.activation_sharding(setup.mesh, setup.rules):
         step = start
@@ -461,6 +506,8 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
                 state = _run_hooks(hooks, step, state, ctx, writer)
             if step % config.checkpoint_every == 0 or step == config.num_steps:
                 save(step, state)
+            if needs_sync:   # eval, hooks and saving are not training time: the next window starts now
+                t_last, steps_since = time.perf_counter(), 0
             if signals.requested or step == stop_after:
                 if step % config.checkpoint_every and step != config.num_steps:
                     save(step, state)
@@ -479,8 +526,38 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
     signals.phase = "cleanup"
     plot = metrics_lib.plot_losses(workdir) if is_main else None
     result = {**last_train, **last_eval, "stopped_early": stopped_early, "step": int(state["step"]),
+              "compile_s": compile_s,
               "checkpoints": checkpointer.directory, "metrics": writer.path, "plot": plot}
     return result
+
+
+def train_or_load(workdir: str, cfg, *, progress: bool = True):
+    """Loads the model in ``workdir``, training ``cfg`` there first when it holds no checkpoint.
+
+    A workdir that already holds a checkpoint is loaded whatever config it was trained with (``cfg`` is then
+    unused): pass any finished run of ``experiments.train``.
+
+    Returns:
+      ``(model, config, info)``: the model on one device, the run's config, and ``{"workdir", "trained_here",
+      "steps", "d_model", "num_layers", "seq_len", "dtype"}`` plus, when trained here, ``train_wall_s``,
+      ``final_loss``, ``eval_loss`` and ``eval_bits_per_byte``.
+    """
+    from sqattn import sample
+    info: dict[str, Any] = {"workdir": workdir, "trained_here": False}
+    if not ckpt_lib.has_checkpoint(workdir):
+        t0 = time.perf_counter()
+        out = train_and_evaluate(cfg, workdir, progress=progress)
+        if out.get("stopped_early"):
+            raise RuntimeError(f"training in {workdir} stopped early at step {out['step']}; rerun to resume it")
+        info.update(trained_here=True, train_wall_s=time.perf_counter() - t0, final_loss=float(out["loss"]))
+        for key in ("eval_loss", "eval_bits_per_byte"):
+            if key in out:
+                info[key] = float(out[key])
+    model, config = sample.load_model(workdir)
+    info.update(steps=int(config.num_steps), d_model=int(config.model.d_model),
+                num_layers=int(config.model.num_layers), seq_len=int(config.data.seq_len),
+                dtype=str(config.model.dtype))
+    return model, config, info
 
 
 def _logged_eval(workdir: str, step: int) -> dict | None:

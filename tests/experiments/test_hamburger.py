@@ -51,8 +51,29 @@ def test_run_end_to_end(tmp_path):
     assert 0.0 <= reading["frozen_base_accuracy"] <= 1.0
     table = exp.format_table(out)
     assert "| fine-tuned base | 1.00 | 1.00 |" in table and "Reading 12 held-out tokens" in table
-    assert out["finetune"]["curve"][-1]["step"] == 2 and out["finetune"]["traces"] == 1   # compiled once
+    assert out["finetune"]["curve"][-1]["step"] == 2 and out["finetune"]["compile_s"] > 0
+    assert os.path.isdir(os.path.join(out["finetune"]["run_dir"], "checkpoints"))      # a trainer run
     # the base checkpoint is found and loaded, not trained again
     cfg = common.small_lm_config(steps=99, d_model=32, layers=1, seq_len=32, batch_size=4)
     _, config, info = common.train_or_load(str(tmp_path / "base"), cfg, progress=False)
     assert not info["trained_here"] and config.num_steps == 3
+
+
+@pytest.mark.slow
+def test_finetune_is_a_trainer_run_that_resumes(tmp_path):
+    """Killed mid-way, the fine-tune resumes to the uninterrupted run's losses."""
+    from sqattn.configs import hamburger as ham_configs
+    from sqattn.train import metrics as metrics_lib
+    from sqattn.train import train_and_evaluate
+    base = common.small_lm_config(steps=2, d_model=32, layers=1, seq_len=32, batch_size=4)
+    train_and_evaluate(base, str(tmp_path / "base"), progress=False)
+    cfg = ham_configs.config_for(str(tmp_path / "base"), steps=4, batch_size=4, s_max=2, prompt_len=8)
+    cfg.checkpoint_every = 2
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    train_and_evaluate(cfg, full, progress=False)
+    assert train_and_evaluate(cfg, cut, progress=False, stop_after=2)["stopped_early"]
+    train_and_evaluate(cfg, cut, progress=False)
+    losses = [{r["step"]: r["loss"] for r in metrics_lib.read_metrics(d) if "loss" in r} for d in (full, cut)]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="not a trainer run"):
+        ham_configs.config_for(str(tmp_path / "nothing"))

@@ -212,3 +212,25 @@ def test_sse_h_2b_layout():
     assert 1.7e9 <= dry_run(cfg, check_devices=False)["params"] <= 2.3e9
     small = configs.get("sse_h_2b:runlocal").model
     assert expand_pattern(small.block_pattern, small.num_layers) == "SSSSSA"
+
+
+@pytest.mark.parametrize("placement", ["shared", "both"])
+def test_short_conv_placement(placement):
+    """The authors' placement (fla's SSE layer): the conv feeds only the shared branch, and the sparse branch
+    adds its low-rank delta to the raw projection; "both" convolves before the delta. No conv bias by default."""
+    m = SSE(16, rngs=nnx.Rngs(3), num_heads=2, num_partitions=3, top_k=1, short_conv=True,
+            conv_placement=placement, chunk_size=4, impl="ref")
+    assert m.conv_q.bias is None and m.conv_k.bias is None
+    x = jax.random.normal(jax.random.key(4), (2, 7, 16))
+    q_raw, k_raw = m.q(x), m.k(x)
+    q_conv, k_conv = m.conv_q(q_raw), m.conv_k(k_raw)
+    f = m._features(x, q_conv, k_conv, q_raw, k_raw)
+    heads = lambda y: y.reshape(2, 7, 2, 8)  # noqa: E731
+    base_q, base_k = (q_raw, k_raw) if placement == "shared" else (q_conv, k_conv)
+    np.testing.assert_array_equal(f["q1"], heads(m.query_map(q_conv)))
+    np.testing.assert_array_equal(f["k1"], m.key_map(heads(k_conv)))
+    np.testing.assert_array_equal(f["q2"], heads(m.query_map(base_q + m.q_delta(x))))
+    np.testing.assert_array_equal(f["k2"], m.key_map(heads(base_k + m.k_delta(x))))
+    assert float(jnp.max(jnp.abs(q_conv - q_raw))) > 1e-2      # the two placements do differ
+    with pytest.raises(ValueError, match="conv_placement"):
+        SSE(16, rngs=nnx.Rngs(0), short_conv=True, conv_placement="before")
