@@ -93,16 +93,20 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_string("workdir", None, "output directory", required=True)
-flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (data, init)")
-flags.DEFINE_list("arms", ["lora", "triadapt", "triadapt_exp", "adalora", "increlora"], "arms to run")
-flags.DEFINE_integer("steps", 1200, "training steps per synthetic run")
-flags.DEFINE_integer("sens_every", 1, "steps between sensitivity samples (adalora, increlora)")
-flags.DEFINE_bool("text", False, "also run part 2 (byte LM adapted to another text domain)")
-flags.DEFINE_string("text_path", "", "new-domain text (file/dir/glob); '' = shakespeare package or README")
-flags.DEFINE_integer("text_base_steps", 500, "steps of the stdlib base LM")
-flags.DEFINE_integer("text_steps", 300, "adaptation steps per arm")
-flags.DEFINE_string("text_targets", "q,k,v,o", "adapted layers of the LM")
+
+
+def define_flags() -> None:
+    """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
+    flags.DEFINE_string("workdir", None, "output directory", required=True)
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (data, init)")
+    flags.DEFINE_list("arms", ["lora", "triadapt", "triadapt_exp", "adalora", "increlora"], "arms to run")
+    flags.DEFINE_integer("steps", 1200, "training steps per synthetic run")
+    flags.DEFINE_integer("sens_every", 1, "steps between sensitivity samples (adalora, increlora)")
+    flags.DEFINE_bool("text", False, "also run part 2 (byte LM adapted to another text domain)")
+    flags.DEFINE_string("text_path", "", "new-domain text (file/dir/glob); '' = shakespeare package or README")
+    flags.DEFINE_integer("text_base_steps", 500, "steps of the stdlib base LM")
+    flags.DEFINE_integer("text_steps", 300, "adaptation steps per arm")
+    flags.DEFINE_string("text_targets", "q,k,v,o", "adapted layers of the LM")
 FLAGS = flags.FLAGS
 
 from sqattn.configs.adaptive_rank import ARMS, synth_run_config as synth_config  # noqa: E402
@@ -329,4 +333,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

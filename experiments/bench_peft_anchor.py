@@ -43,9 +43,13 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_string("workdir", None, "output directory", required=True)
-flags.DEFINE_integer("steps", 1000, "training steps")
-flags.DEFINE_integer("seed", 0, "seed")
+
+
+def define_flags() -> None:
+    """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
+    flags.DEFINE_string("workdir", None, "output directory", required=True)
+    flags.DEFINE_integer("steps", 1000, "training steps")
+    flags.DEFINE_integer("seed", 0, "seed")
 FLAGS = flags.FLAGS
 
 
@@ -187,4 +191,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -131,14 +131,18 @@ METHODS = ("dense", "uniform8", "grt", "grt_merge")
 TAUS = (0.8, 0.9, 0.95, 0.99)
 ABS_GUARD = 2.0 / 255.0
 
-flags.DEFINE_string("workdir", None, "output directory (results.json + PNGs)")
-flags.DEFINE_list("fps", [str(f) for f in FPS], "sampling rates")
-flags.DEFINE_float("noise_std", 1.0, "sensor noise of the synthetic clip, grey levels")
-flags.DEFINE_float("duration", 12.0, "clip length, seconds")
-flags.DEFINE_integer("seed", 0, "seed of the main clip (probe clips use seed + 1 ...)")
-flags.DEFINE_integer("probe_clips", 10, "clips for the linear probe (the last 2 are the test set; 0 = no probe)")
-flags.DEFINE_list("taus", [str(t) for t in TAUS], "SSIM thresholds of the tau sweep (each with and without the guard)")
-flags.DEFINE_integer("repeats", 5, "timed repeats per (method, FPS), interleaved")
+
+
+def define_flags() -> None:
+    """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
+    flags.DEFINE_string("workdir", None, "output directory (results.json + PNGs)")
+    flags.DEFINE_list("fps", [str(f) for f in FPS], "sampling rates")
+    flags.DEFINE_float("noise_std", 1.0, "sensor noise of the synthetic clip, grey levels")
+    flags.DEFINE_float("duration", 12.0, "clip length, seconds")
+    flags.DEFINE_integer("seed", 0, "seed of the main clip (probe clips use seed + 1 ...)")
+    flags.DEFINE_integer("probe_clips", 10, "clips for the linear probe (the last 2 are the test set; 0 = no probe)")
+    flags.DEFINE_list("taus", [str(t) for t in TAUS], "SSIM thresholds of the tau sweep (each with and without the guard)")
+    flags.DEFINE_integer("repeats", 5, "timed repeats per (method, FPS), interleaved")
 FLAGS = flags.FLAGS
 
 
@@ -454,4 +458,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -92,21 +92,26 @@ from sqattn.diffusion.tasks import schedule_of
 from sqattn.peft import spm
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "output directory (runs, results.json, PNGs)")
-flags.DEFINE_integer("dit_steps", 1500, "DiT training steps")
-flags.DEFINE_string("dit_workdir", "", "use this finished (or stopped) DiT run as is instead of training <workdir>/dit")
-flags.DEFINE_integer("judge_steps", 1000, "judge training steps")
-flags.DEFINE_integer("spm_steps", 200, "SPM training steps per concept")
-flags.DEFINE_integer("spm_batch", 2, "target prompts per SPM step")
-flags.DEFINE_string("la", "0,1000", "latent-anchoring strengths of the star SPMs (comma-separated)")
-flags.DEFINE_integer("samples", 16, "samples per prompt")
-flags.DEFINE_integer("sample_steps", 20, "DDIM steps (sampling and SPM rollouts)")
-flags.DEFINE_float("guidance", 3.0, "CFG scale when sampling")
-flags.DEFINE_integer("seed", 0, "noise seed of the evaluation")
-flags.DEFINE_bool("runlocal", False, "tiny runs (smoke test)")
-flags.DEFINE_bool("train", True, "train (or resume) the runs first; --notrain evaluates the runs already there")
-flags.DEFINE_bool("multi", True, "train and evaluate the second concept (blue) and the star + blue combination")
-flags.DEFINE_string("results", "results.json", "file name of the results under --workdir")
+
+
+def define_flags() -> None:
+    """Defines this binary's flags (only when run as a program, so binaries can be imported together)."""
+    flags.DEFINE_string("workdir", None, "output directory (runs, results.json, PNGs)")
+    flags.DEFINE_integer("dit_steps", 1500, "DiT training steps")
+    flags.DEFINE_string("dit_workdir", "", "use this finished (or stopped) DiT run as is instead of training <workdir>/dit")
+    flags.DEFINE_integer("judge_steps", 1000, "judge training steps")
+    flags.DEFINE_integer("spm_steps", 200, "SPM training steps per concept")
+    flags.DEFINE_integer("spm_batch", 2, "target prompts per SPM step")
+    flags.DEFINE_string("la", "0,1000", "latent-anchoring strengths of the star SPMs (comma-separated)")
+    flags.DEFINE_integer("samples", 16, "samples per prompt")
+    flags.DEFINE_integer("sample_steps", 20, "DDIM steps (sampling and SPM rollouts)")
+    flags.DEFINE_float("guidance", 3.0, "CFG scale when sampling")
+    flags.DEFINE_integer("seed", 0, "noise seed of the evaluation")
+    flags.DEFINE_bool("runlocal", False, "tiny runs (smoke test)")
+    flags.DEFINE_bool("train", True, "train (or resume) the runs first; --notrain evaluates the runs already there")
+    flags.DEFINE_bool("multi", True, "train and evaluate the second concept (blue) and the star + blue combination")
+    flags.DEFINE_string("results", "results.json", "file name of the results under --workdir")
+
 
 PROMPTS = shapes.all_prompts()                       # 12 (colour, shape), colour-major
 
@@ -346,4 +351,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -54,3 +54,34 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
     steps = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
     assert len(steps) == 1 and steps[0] >= 1
     assert '"stopped_early": true' in out
+
+
+def test_every_binary_imports_alongside_the_others_and_defines_its_flags():
+    """pytest imports many binaries into one process: none may define absl flags at import time (the first
+    duplicate `--workdir` breaks collection of the whole suite), and each one's `define_flags` must still work."""
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments"))
+                   if f.endswith(".py") and not f.startswith("_") and f != "common.py")
+    code = (
+        "import importlib, sys\n"
+        "from absl import flags\n"
+        f"names = {names!r}\n"
+        "before = set(flags.FLAGS)\n"
+        "mods = [importlib.import_module('experiments.' + n) for n in names]\n"
+        "new = set(flags.FLAGS) - before\n"
+        "mine = sorted(k for k in new if (flags.FLAGS.find_module_defining_flag(k) or '').startswith('experiments'))\n"
+        "assert not mine, f'experiments flags defined at import time: {mine}'\n"
+        "before = set(flags.FLAGS)\n"
+        "import experiments.train as t\n"
+        "for n, m in zip(names, mods):\n"
+        "    d = getattr(m, 'define_flags', None)\n"
+        "    if d is None:\n"
+        "        continue\n"
+        "    for k in list(flags.FLAGS):\n"
+        "        if k not in before:\n"
+        "            delattr(flags.FLAGS, k)\n"
+        "    d()\n"
+        "print('ok', len(names))\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[:1] == ["ok"]

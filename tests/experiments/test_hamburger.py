@@ -68,7 +68,7 @@ def test_finetune_is_a_trainer_run_that_resumes(tmp_path):
     base = common.small_lm_config(steps=2, d_model=32, layers=1, seq_len=32, batch_size=4)
     train_and_evaluate(base, str(tmp_path / "base"), progress=False)
     cfg = ham_configs.config_for(str(tmp_path / "base"), steps=4, batch_size=4, s_max=2, prompt_len=8)
-    cfg.checkpoint_every = 2
+    cfg.checkpoint_every, cfg.log_every = 2, 1
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     train_and_evaluate(cfg, full, progress=False)
     assert train_and_evaluate(cfg, cut, progress=False, stop_after=2)["stopped_early"]
