@@ -3,6 +3,7 @@
   python -m experiments.train                                  # default: sse_h_tiny (SSE-H byte LM, local text)
   python -m experiments.train --config=lm_tiny --config.num_steps=100 --workdir=/tmp/run
   python -m experiments.train --config=lm_tiny --dry_run        # sizes, memory, FLOPs; allocates nothing
+  python -m experiments.train --config=sse_h_2b --dry_run --dry_run_target=tpu   # activations as on a TPU
 
 Flags: --config=NAME[:arg] (see sqattn/configs/__init__.py REGISTRY), --config.a.b=value overrides,
 --workdir (default /tmp/sqattn/<config>), --dry_run, --distributed (call jax.distributed.initialize()).
@@ -25,6 +26,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics.jsonl, tb/, loss.png).")
     flags.DEFINE_bool("dry_run", False, "Build the model abstractly, print sizes/memory/FLOPs as a table and a "
                       "final JSON line, and exit without allocating it.")
+    flags.DEFINE_enum("dry_run_target", None, ["cpu", "gpu", "tpu"], "With --dry_run: estimate activations for "
+                      "this platform's mixer implementations (default: this host's).")
     flags.DEFINE_string("compilation_cache", None, "Persistent compilation cache directory (default "
                         "$SQATTN_COMPILATION_CACHE or ~/.cache/sqattn/jax); empty turns it off.")
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
@@ -89,7 +92,7 @@ def _main():
     if FLAGS.dry_run:
         from sqattn.train.dryrun import dry_run, format_report
         try:
-            print(format_report(dry_run(config, check_devices=False)))
+            print(format_report(dry_run(config, check_devices=False, target=FLAGS.dry_run_target)))
         except ConfigError as e:
             sys.exit(f"error: invalid config: {e}")
         return

@@ -44,12 +44,15 @@ from sqattn.moe import inactive_params
 from sqattn.train import state as state_lib
 
 
-def dry_run(config, *, check_devices: bool = True, activations: bool = True, measure: bool = False) -> dict:
+def dry_run(config, *, check_devices: bool = True, activations: bool = True, measure: bool = False,
+            target: str | None = None) -> dict:
     """Returns {"params", "bytes_per_device", "flops_per_token", ...} for ``config`` (nothing allocated).
 
     ``activations``: add ``activation_memory`` (traced, seconds for a 2B model) and the per-device total of
     one step (params + optimizer state + gradients + activations). ``measure``: also compile the reduced-size
     check ``measure_activations`` (minutes for a 2B model) and report the estimate scaled by its ratio.
+    ``target`` ("tpu", "gpu", "cpu"; default this host's): the platform whose mixer implementations the
+    activation estimate traces (a CPU host planning a TPU run passes "tpu").
     """
     validate(config, check_devices=check_devices)
     setup = state_lib.make_setup(config)
@@ -62,10 +65,11 @@ def dry_run(config, *, check_devices: bool = True, activations: bool = True, mea
         groups[str(getattr(path[0], "key", path[0]))] += math.prod(x.shape)
     tokens = int(config.batch_size) * seq_len
     fpt = state_lib.flops_per_token(model_view, setup.abstract_params, seq_len)
-    act = activation_memory(config, setup) if activations else None
+    act = activation_memory(config, setup, target=target) if activations else None
     extra = {}
     if act is not None:
-        extra = {"activations": act, "activation_bytes_per_device": act["total"],
+        extra = {"activations": act, "activation_bytes_per_device": act["total"], "activations_target": target
+                 or jax.default_backend(),
                  "step_bytes_per_device": total_bytes + params_bytes + act["total"]}
         if measure:
             m = measure_activations(config)
@@ -101,7 +105,8 @@ def format_report(rep: dict) -> str:
     act = rep.get("activations")
     if act is not None:
         mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
-        rows += [("activations / device", f"{mib(act['total'])} ({act['rows']} x {act['seq_len']} tokens: saved "
+        rows += [(f"activations / device ({rep.get('activations_target', '?')})",
+                  f"{mib(act['total'])} ({act['rows']} x {act['seq_len']} tokens: saved "
                                           f"{mib(act['saved'])}, transient {mib(act['transient'])}, weight "
                                           f"copies {mib(act['weights'])})"),
                  ("step total / device", f"{mib(rep['step_bytes_per_device'])} (params + opt + grads + "
@@ -118,7 +123,7 @@ def format_report(rep: dict) -> str:
     summary = {k: rep[k] for k in ("config", "params", "active_params", "bytes_per_device", "flops_per_token",
                                    "mesh", "param_bytes_per_device", "seq_len", "tokens_per_step", "step_flops",
                                    "activation_bytes_per_device", "step_bytes_per_device",
-                                   "activation_bytes_scaled") if k in rep}
+                                   "activation_bytes_scaled", "activations_target") if k in rep}
     return "\n".join(lines + [json.dumps(summary)])
 
 

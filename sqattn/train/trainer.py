@@ -130,15 +130,43 @@ def _device_memory_budget() -> tuple[int, str]:
     return total // n, f"host RAM {total / 2**30:.1f} GiB shared by {n} local {dev.platform} device(s)"
 
 
+_ACT_BYTES_BOUND = 1024
+
+
+def _activation_bound(config, setup: state_lib.Setup) -> float:
+    """A generous upper bound on one step's activation bytes per device (``inf`` where the config's shape
+    is not an LM's: then the exact trace decides)."""
+    from sqattn.train import dryrun
+    m, data = config.get("model", {}), config.get("data", {})
+    try:
+        rows = dryrun.rows_per_device(config, setup.mesh.shape)
+        width = int(m["d_model"]) * int(m["num_layers"]) + int(m.get("vocab_size", 0))
+        return float(_ACT_BYTES_BOUND) * rows * int(data["seq_len"]) * width
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return float("inf")
+
+
 def check_memory(setup: state_lib.Setup, config) -> int:
-    """Fails at once, with numbers, when params + optimizer state + grads cannot fit one device."""
-    need = state_lib.per_device_bytes(setup.abstract_state, setup.state_shardings)
-    need += state_lib.per_device_bytes(setup.abstract_state["params"], setup.state_shardings["params"])  # grads
+    """Fails at once, with numbers, when one train step cannot fit one device: params + optimizer state +
+    gradients, plus the step's activations (``dryrun.activation_bytes``, traced abstractly: a fraction of a
+    second for a small model, seconds for a 2B one). The trace is skipped where even a generous bound on the
+    activations (``_ACT_BYTES_BOUND`` bytes per token per residual-stream float, the largest measured ratio
+    is ~230, sse_h on CPU) leaves half the device free."""
+    state = state_lib.per_device_bytes(setup.abstract_state, setup.state_shardings)
+    state += state_lib.per_device_bytes(setup.abstract_state["params"], setup.state_shardings["params"])  # grads
     budget, where = _device_memory_budget()
+    act = 0
+    if state <= budget and state + _activation_bound(config, setup) > budget / 2:
+        from sqattn.train import dryrun
+        act = dryrun.activation_bytes(config, setup)
+    need = state + act
     if need > budget:
+        what = ("params, optimizer state and gradients alone" if not act else
+                f"params, optimizer state and gradients ({state / 2**30:.2f} GiB) and the activations of one "
+                f"step ({act / 2**30:.2f} GiB; smaller batch_size or grad_accum > 1 cut these)")
         raise MemoryBudgetError(
-            f"config {config.name!r} needs {need / 2**30:.2f} GiB per device for params, optimizer state and "
-            f"gradients alone (mesh {dict(setup.mesh.shape)}), but this machine has {budget / 2**30:.2f} GiB per "
+            f"config {config.name!r} needs {need / 2**30:.2f} GiB per device for {what} "
+            f"(mesh {dict(setup.mesh.shape)}), but this machine has {budget / 2**30:.2f} GiB per "
             f"device ({where}). Use more devices (config.mesh.*), a smaller model, or --dry_run to inspect it.")
     return need
 

@@ -2,6 +2,7 @@
 assertions: the machine is shared)."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -38,13 +39,17 @@ def test_record_structure_and_positive_measurements(record):
 
 def test_slopes_are_fitted_on_the_recorded_points(record):
     for m in record["mixers"].values():
-        t = np.log([p["length"] for p in m["points"]])
-        expect_t = np.polyfit(t, np.log([p["time_s"] for p in m["points"]]), 1)[0]
-        expect_m = np.polyfit(t, np.log([p["memory"]["total_bytes"] for p in m["points"]]), 1)[0]
-        assert m["time_slope"] == pytest.approx(expect_t, rel=1e-9)
-        per_seq = np.polyfit(t, np.log([p["time_s"] / p["batch"] for p in m["points"]]), 1)[0]
-        assert m["time_per_seq_slope"] == pytest.approx(per_seq, rel=1e-9)
-        assert m["memory_slope"] == pytest.approx(expect_m, rel=1e-9)
+        # Two points: the log-log slope is (log y2 - log y1) / (log T2 - log T1), by hand, not by a fit.
+        (p1, p2) = m["points"]
+        def two_point(y1, y2):
+            return math.log(y2 / y1) / math.log(p2["length"] / p1["length"])
+        assert m["time_slope"] == pytest.approx(two_point(p1["time_s"], p2["time_s"]), rel=1e-9)
+        assert m["time_per_seq_slope"] == pytest.approx(
+            two_point(p1["time_s"] / p1["batch"], p2["time_s"] / p2["batch"]), rel=1e-9)
+        # At fixed tokens, a per-sequence time is the total time times T / tokens: slope + 1 exactly.
+        assert m["time_per_seq_slope"] == pytest.approx(m["time_slope"] + 1.0, rel=1e-9)
+        assert m["memory_slope"] == pytest.approx(
+            two_point(p1["memory"]["total_bytes"], p2["memory"]["total_bytes"]), rel=1e-9)
     # attention's scores grow with T at fixed tokens (b T^2 = tokens T): its memory must grow, GLA's much less
     assert record["mixers"]["attention"]["memory_slope"] > record["mixers"]["gla"]["memory_slope"]
 

@@ -34,6 +34,18 @@ def test_dry_run_last_line_is_json():
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"params", "bytes_per_device", "flops_per_token"} <= set(rep)
+    assert rep["activations_target"] == "cpu" and rep["activation_bytes_per_device"] > 0
+
+
+def test_dry_run_target_traces_that_platforms_kernels():
+    """On TPU the SSE mixer runs its Pallas kernel, which saves less than the chunked jnp form on CPU."""
+    reps = {}
+    for target in ("cpu", "tpu"):
+        r = _run("--config=sse_h_tiny", "--dry_run", f"--dry_run_target={target}")
+        assert r.returncode == 0, r.stderr[-2000:]
+        reps[target] = json.loads(r.stdout.strip().splitlines()[-1])
+        assert reps[target]["activations_target"] == target
+    assert 0 < reps["tpu"]["activation_bytes_per_device"] < reps["cpu"]["activation_bytes_per_device"]
 
 
 def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):

@@ -23,7 +23,9 @@ def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
     assert saved["teacher"]["trained_here"] and saved["teacher"]["steps"] == 2
     assert set(saved["table"]) == {"teacher", "liger", "fresh_gate"}
     for name, rec in saved["variants"].items():
-        assert set(rec["bpb"]) == {"32", "64"} and all(0.0 < v < 9.0 for v in rec["bpb"].values())
+        # A byte LM after 2 + 3 steps is still close to uniform over 256 bytes, i.e. 8 bits/byte: a value in
+        # nats (x ln 2) or per some other unit would fall outside.
+        assert set(rec["bpb"]) == {"32", "64"} and all(6.5 < v < 8.5 for v in rec["bpb"].values()), rec["bpb"]
         assert rec["block_pattern"] == "LL" and rec["lora_paths"] == 6 and rec["finetune"]["steps"] == 3
         assert rec["merge_check"]["ok"], rec["merge_check"]
         assert saved["delta_vs_teacher"][name]["32"] == pytest.approx(rec["bpb"]["32"] - saved["teacher"]["bpb"]["32"])

@@ -29,7 +29,9 @@ def test_run_end_to_end(tmp_path, monkeypatch):
     assert lm["bpb"] == pytest.approx(lm["trainer_eval_bpb"], rel=1e-4)
     assert np.isfinite(lm["bpb_long"]) and 0 < lm["eval_bytes_long"] < lm["eval_bytes"]
     (rec,) = saved["recall"]
-    assert rec["model"] == "scout_L4" and 0.0 <= rec["accuracy"] <= 1.0 and rec["eval_queries"] == 640
+    assert rec["model"] == "scout_L4" and rec["eval_queries"] == 640
+    # Two steps cannot teach recall: accuracy near chance over the values, loss near the uniform ln(vocab).
+    assert 0.0 <= rec["accuracy"] < 0.25 and abs(rec["eval_loss"] - np.log(49)) < 0.6, rec
     assert saved["recall_summary"]["scout_L4"]["seeds"] == 1
     mem = saved["memory"]
     assert mem["entries_match_formula"] and mem["entries"]["mamba"]["256"] == 256 // mem["segment_len"]

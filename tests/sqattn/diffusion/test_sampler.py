@@ -50,7 +50,7 @@ def test_ddim_with_oracle_eps_recovers_the_clean_image():
         return (x - jnp.sqrt(ab) * x0) / jnp.sqrt(1 - ab)
     x_T = add_noise(sched, x0, jnp.full((3,), 999), noise)
     out = jax.jit(lambda n: ddim_sample(oracle, sched, n, None, num_steps=10))(x_T)
-    assert_close(out, x0, rtol=1e-4, atol=1e-4, name="x0")
+    assert_close(out, x0, rtol=1e-4, mtol=1e-3, name="x0")
 
 
 def test_ddim_is_deterministic_given_the_noise_and_cfg1_is_conditional():
@@ -77,7 +77,7 @@ def test_ddim_is_deterministic_given_the_noise_and_cfg1_is_conditional():
     # guidance scale 1 equals the conditional prediction (eps_u + 1 (eps_c - eps_u) = eps_c up to rounding)
     x, t = n1, jnp.full((2,), 500)
     assert_close(cfg_eps(eps_fn, x, t, tok, unc, 1.0), eps_fn(x, t, tok), name="cfg1 eps")
-    assert_close(sample(n1, 1.0), sample_cond(n1), name="cfg1 samples", rtol=1e-4, atol=1e-4)
+    assert_close(sample(n1, 1.0), sample_cond(n1), name="cfg1 samples", rtol=1e-4, mtol=1e-3)
 
 
 def test_rollout_is_the_first_n_steps_of_the_sampler():
@@ -93,7 +93,7 @@ def test_rollout_is_the_first_n_steps_of_the_sampler():
     eps = cfg_eps(eps_fn, x_n, jnp.full((1,), ts[3]), tok, jnp.zeros_like(tok), 2.0)
     last = ddim_step(sched, x_n, eps, ts[3], -1)
     full = ddim_sample(eps_fn, sched, noise, tok, jnp.zeros_like(tok), num_steps=4, guidance=2.0)
-    assert_close(last, full, name="rollout + last step", rtol=1e-4, atol=1e-4)
+    assert_close(last, full, name="rollout + last step", rtol=1e-4, mtol=1e-3)
 
 
 def test_eps_loss_is_zero_for_the_oracle():
