@@ -62,12 +62,28 @@ _jitted = functools.lru_cache(maxsize=None)(
     lambda impl, chunk: jax.jit(functools.partial(fwd_bwd, impl=impl, chunk_size=chunk)))
 
 
-def _check(args, cts, chunk: int, tag: str, fn=None) -> None:
+def _check(args, cts, chunk: int, tag: str, fn=None, dg_cancels: bool = False) -> None:
     (o, s), grads = (fn or _jitted("chunked", chunk))(args, cts)
     (o_ref, s_ref), grads_ref = _jitted("ref", 16)(args, cts)
     assert_close(o, o_ref, jnp.float32, f"{tag} o")
     assert_close(s, s_ref, jnp.float32, f"{tag} final_state")
-    assert_grads_close(grads, grads_ref, GRAD_NAMES, jnp.float32, tag)
+    if not dg_cancels:
+        assert_grads_close(grads, grads_ref, GRAD_NAMES, jnp.float32, tag)
+        return
+    i = GRAD_NAMES.index("dg")
+    others = [n for n in GRAD_NAMES if n != "dg"]
+    assert_grads_close([grads[GRAD_NAMES.index(n)] for n in others],
+                       [grads_ref[GRAD_NAMES.index(n)] for n in others], others, jnp.float32, tag)
+    # dg is a reverse cumulative sum of q * dq - k * dk, terms of order 1 that cancel almost exactly when
+    # every decay is ~exp(-20) (only the diagonal, where they are equal and opposite, survives): its error
+    # is bounded relative to those terms, not to the ~1e-7 result.
+    q, k = args[0], args[1]
+    dq, dk = grads_ref[GRAD_NAMES.index("dq")], grads_ref[GRAD_NAMES.index("dk")]
+    terms = jnp.abs(q * dq) + jnp.abs(k * dk)
+    if grads_ref[i].ndim == terms.ndim - 1:              # scalar decay: dg sums its terms over K
+        terms = terms.sum(-1)
+    assert grads[i].shape == grads_ref[i].shape and grads[i].dtype == grads_ref[i].dtype
+    assert_close(grads[i], grads_ref[i], jnp.float32, f"{tag} dg", scale=float(jnp.max(terms)))
 
 
 @pytest.mark.parametrize("chunk,scalar_decay", [(7, False), (24, False), (64, False), (24, True)],
@@ -98,7 +114,7 @@ def test_zero_decay_gradients_match_recurrence(scalar_decay):
 def test_strong_decay_finite_at_deep_split(scalar_decay):
     """About -20 per step (cumulative ~-1280 over a 64-chunk): every exp stays <= 1."""
     args, cts = _inputs(scalar_decay, decay="strong")
-    _check(args, cts, 64, "strong")
+    _check(args, cts, 64, "strong", dg_cancels=True)
 
 
 @pytest.mark.parametrize("sub", [1, 2, 3, 5])
