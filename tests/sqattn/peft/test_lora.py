@@ -45,7 +45,11 @@ def test_wrapping_leaves_logits_unchanged_and_counts():
     paths = apply_lora(model, ("q", "k", "v"), rank=RANK, alpha=8.0, rngs=nnx.Rngs(1))
     assert sorted(paths) == sorted(f"blocks/{i}/mixer/{n}" for i in range(2) for n in "qkv")
     assert isinstance(model.blocks[1].mixer.k, LoRADense)
-    np.testing.assert_array_equal(np.asarray(_logits(model, tokens)), np.asarray(before))
+    # B starts at zero, so every adapter adds exactly nothing; the logits agree to float32 rounding (XLA may
+    # fuse the wrapped projections' matmuls differently, so not bit for bit).
+    for lora in (model.blocks[i].mixer.__getattribute__(n) for i in range(2) for n in "qkv"):
+        assert not np.any(np.asarray(lora.lora_b[...])) and np.any(np.asarray(lora.lora_a[...]))
+    assert_close(_logits(model, tokens), before, jnp.float32, "logits after wrapping")
     hd = D // HEADS
     per_layer = RANK * (D + HEADS * hd) + 2 * RANK * (D + KV * hd)        # A [i,r] + B [r,o] for q, k, v
     assert count_params(model, trainable(model)) == 2 * per_layer
