@@ -1,15 +1,22 @@
 """MQAR reproduction of papers/sse.md §7: query accuracy vs number of key-value pairs P, per model.
 
-  python -m experiments.mqar --workdir=/work/runs/mqar                       # full grid (slow on 2 CPUs)
-  python -m experiments.mqar --workdir=/tmp/mqar --models=attention,gla_softmax --pairs=16,32 --steps=300
+  python -m experiments.mqar --workdir=/work/runs/mqar                       # full grid (many hours on 2 CPUs)
+  python -m experiments.mqar --workdir=/work/runs/mqar --models=attention    # the upper bound alone
+  python -m experiments.mqar --workdir=/tmp/mqar --pairs=4,16 --steps=300 --nochain      # fresh runs, no curriculum
   python -m experiments.mqar --workdir=/tmp/mqar_smoke --runlocal --pairs=4 --models=attention,gla_softmax
-  python -m experiments.mqar --workdir=/work/runs/mqar --pairs=64 &    # parts of the grid in parallel processes,
-  python -m experiments.mqar --workdir=/work/runs/mqar --collect_only  # then one table of all finished runs
+  python -m experiments.mqar --workdir=/work/runs/mqar --models=gla_silu &    # parts of the grid in parallel
+  python -m experiments.mqar --workdir=/work/runs/mqar --collect_only         # processes, then one table
 
-Every run is the registered config family ``sqattn/configs/mqar.py``, trained by ``train_and_evaluate``, so one
-run is reproducible on its own with the command stored in its result::
+Every run is the registered config family ``sqattn/configs/mqar.py`` (its docstring has the recipe), trained by
+``train_and_evaluate``, so one run is reproducible on its own with the command stored in its result::
 
-  python -m experiments.train --config=mqar:mixer=gla_softmax,pairs=32,steps=1500,seed=0 --workdir=DIR
+  python -m experiments.train --config=mqar:mixer=gla_softmax,pairs=16,steps=2000,seed=0,init=DIR_P4 --workdir=DIR
+
+Curriculum (``--chain``, the default): ``--pairs`` (default 4,16,32,64) are trained smallest first, and the
+run at each P starts from the same model and seed's finished run at the previous P (``init=``), as Zoology's
+mixture of P = 4..64 lets a model learn the induction circuit where it is easy; ``--steps`` gives one number
+or one per P (default 1000, 2000, 1000, 1000). Split a grid over processes by ``--models``/``--seeds``, never
+by P (a chained P needs the smaller one). ``--nochain`` trains every P fresh.
 
 Models (``--models``): attention (softmax attention, the upper bound), gla_softmax (GLA, softmax key map),
 gla_silu (GLA, SiLU key map), sse_n4k1 and sse_n8k2 (SSE-GLA with N sparse partitions, top-K, plus the shared
@@ -19,10 +26,16 @@ is exactly 4P (P "k v" pairs, then the P pairs queried again in random order: th
 Q = P). Metric: ``eval_accuracy`` of the LM task on 1024 held-out sequences, which is next-token accuracy at the
 weighted positions only, i.e. at the query keys, whose target is the bound value.
 
-Outputs under ``--workdir``: ``runs/<model>_P<P>_steps<S>_seed<s>/`` (the trainer's workdir: checkpoints,
-metrics.jsonl, loss.png, and ``result.json`` once finished; a run whose result.json exists is not run again,
-an unfinished one resumes from its checkpoint), ``results.json`` (every run, a model x P table with the
-per-seed accuracies, parameter counts, skipped runs) and ``mqar.png`` (accuracy vs P). The JSON is printed too.
+Outputs under ``--workdir``: ``runs/<model>_P<P>_steps<S>_seed<s>[_after-P4x1000-...]/`` (the trainer's
+workdir: checkpoints, metrics.jsonl, loss.png, and ``result.json`` once finished; a run whose result.json exists
+is not run again, an unfinished one resumes from its checkpoint), ``results.json`` (every run, a model x P table
+with the per-seed accuracies, parameter counts, skipped runs) and ``mqar.png`` (accuracy vs P). The JSON is
+printed too.
+
+Measured 2026-12-03 (a 2-core CPU shared with other jobs, load average 5-9, nice 10): see
+sqattn/configs/mqar.py for step times and the recipe search. ``--models=attention --seeds=1`` (curriculum
+P4x1000 -> P16x2000 -> P32x400): held-out query accuracy P=4 0.985, P=16 0.996, P=32 still running; P=64, the other four
+models and a second seed were not run (time).
 """
 
 from __future__ import annotations
@@ -37,6 +50,8 @@ from typing import Any, Callable, Sequence
 from absl import app, flags
 
 DEFAULT_MODELS = ("attention", "gla_softmax", "gla_silu", "sse_n4k1", "sse_n8k2")
+DEFAULT_PAIRS = (4, 16, 32, 64)
+DEFAULT_STEPS = (1000, 2000, 1000, 1000)
 
 FLAGS = flags.FLAGS
 
@@ -46,8 +61,11 @@ def define_flags() -> None:
     next to other absl binaries that define flags of the same names)."""
     flags.DEFINE_string("workdir", None, "Output directory (required).")
     flags.DEFINE_list("models", list(DEFAULT_MODELS), "Models: mixer args of sqattn/configs/mqar.py.")
-    flags.DEFINE_list("pairs", ["16", "32", "64"], "Numbers of key-value pairs P (sequence length 4P).")
-    flags.DEFINE_integer("steps", 1500, "Training steps per run (the note: 1500-2000).")
+    flags.DEFINE_list("pairs", [str(p) for p in DEFAULT_PAIRS], "Numbers of key-value pairs P (sequence length 4P).")
+    flags.DEFINE_list("steps", [str(s) for s in DEFAULT_STEPS],
+                      "Training steps per run: one number for every P, or one per P (in --pairs order).")
+    flags.DEFINE_bool("chain", True, "Curriculum: each P's run starts from the same model/seed's finished run at "
+                      "the previous (smaller) P of --pairs; the smallest P starts fresh.")
     flags.DEFINE_integer("seeds", 1, "Seeds per (model, P): 0 .. seeds-1 (parameter init and data stream).")
     flags.DEFINE_bool("runlocal", False, "Smoke mode: the configs' runlocal variant (4 steps, batch 8, P <= 8).")
     flags.DEFINE_bool("progress", True, "Progress bars (runs, and steps within a run).")
@@ -56,13 +74,19 @@ def define_flags() -> None:
                         "Persistent XLA compilation cache directory ('' disables); reruns and resumes compile faster.")
 
 
-def config_name(model: str, pairs: int, steps: int, seed: int, runlocal: bool = False) -> str:
-    """The registered-config string of one run (``--config=`` of experiments/train.py)."""
-    return f"mqar:mixer={model},pairs={pairs},steps={steps},seed={seed}" + (",runlocal" if runlocal else "")
+def config_name(model: str, pairs: int, steps: int, seed: int, runlocal: bool = False, init: str = "") -> str:
+    """The registered-config string of one run (``--config=`` of experiments/train.py); ``init`` = the workdir of
+    the run it starts from (curriculum), "" = fresh."""
+    if "," in init or "=" in init:
+        raise ValueError(f"init workdir {init!r} must not contain ',' or '=' (config arg syntax)")
+    return (f"mqar:mixer={model},pairs={pairs},steps={steps},seed={seed}" + (f",init={init}" if init else "")
+            + (",runlocal" if runlocal else ""))
 
 
-def run_dirname(model: str, pairs: int, steps: int, seed: int, runlocal: bool = False) -> str:
-    return f"{model}_P{pairs}_steps{steps}_seed{seed}" + ("_runlocal" if runlocal else "")
+def run_dirname(model: str, pairs: int, steps: int, seed: int, runlocal: bool = False, after: str = "") -> str:
+    """``after`` names the curriculum before this run ("P4x1000-P16x1500"), "" for a fresh run."""
+    return (f"{model}_P{pairs}_steps{steps}_seed{seed}" + (f"_after-{after}" if after else "")
+            + ("_runlocal" if runlocal else ""))
 
 
 def model_unavailable(model: str) -> str | None:
@@ -83,9 +107,10 @@ def param_count(config) -> int:
     return state_lib.param_count(params)
 
 
-def load_result(model: str, pairs: int, steps: int, seed: int, workdir: str, runlocal: bool = False) -> dict | None:
+def load_result(model: str, pairs: int, steps: int, seed: int, workdir: str, runlocal: bool = False,
+                after: str = "") -> dict | None:
     """The finished result of one run, or None when its ``result.json`` does not exist yet."""
-    path = os.path.join(workdir, "runs", run_dirname(model, pairs, steps, seed, runlocal), "result.json")
+    path = os.path.join(workdir, "runs", run_dirname(model, pairs, steps, seed, runlocal, after), "result.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -93,14 +118,15 @@ def load_result(model: str, pairs: int, steps: int, seed: int, workdir: str, run
 
 
 def train_one(model: str, pairs: int, steps: int, seed: int, workdir: str, *, runlocal: bool = False,
-              progress: bool = True) -> dict:
-    """Trains one run (or loads its finished result) and returns its result record."""
+              progress: bool = True, init: str = "", after: str = "") -> dict:
+    """Trains one run (or loads its finished result) and returns its result record. ``init``: the finished run
+    (workdir) it starts from, ``after``: that curriculum's name (see run_dirname)."""
     from sqattn import configs
     from sqattn.train import train_and_evaluate
-    name = config_name(model, pairs, steps, seed, runlocal)
-    run_dir = os.path.join(workdir, "runs", run_dirname(model, pairs, steps, seed, runlocal))
+    name = config_name(model, pairs, steps, seed, runlocal, init)
+    run_dir = os.path.join(workdir, "runs", run_dirname(model, pairs, steps, seed, runlocal, after))
     result_path = os.path.join(run_dir, "result.json")
-    done = load_result(model, pairs, steps, seed, workdir, runlocal)
+    done = load_result(model, pairs, steps, seed, workdir, runlocal, after)
     if done is not None:
         return done
     config = configs.get(name)
@@ -112,7 +138,7 @@ def train_one(model: str, pairs: int, steps: int, seed: int, workdir: str, *, ru
     rec = {
         "model": model, "pairs": pairs, "seed": seed, "steps": int(config.num_steps),
         "seq_len": int(config.data.seq_len), "num_kv_pairs": int(config.data.num_kv_pairs),
-        "batch_size": int(config.batch_size),
+        "batch_size": int(config.batch_size), "lr": float(config.optim.lr), "init": init, "after": after,
         "eval_sequences": int(config.eval_batches * config.batch_size),
         "params": param_count(config),
         "eval_accuracy": float(out["eval_accuracy"]), "eval_loss": float(out["eval_loss"]),
@@ -187,26 +213,65 @@ def plot(table: dict, pairs: Sequence[int], path: str, title: str) -> str:
     return path
 
 
-def run(workdir: str, *, models: Sequence[str] = DEFAULT_MODELS, pairs: Sequence[int] = (16, 32, 64),
-        steps: int = 1500, seeds: int = 1, runlocal: bool = False, progress: bool = True,
-        collect_only: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
+def steps_by_pairs(pairs: Sequence[int], steps: int | Sequence[int]) -> dict[int, int]:
+    """P -> training steps: one number for every P, or one per P in ``pairs`` order."""
+    steps = [int(steps)] * len(pairs) if isinstance(steps, int) else [int(x) for x in steps]
+    if len(steps) == 1:
+        steps = steps * len(pairs)
+    if len(steps) != len(pairs):
+        raise ValueError(f"steps: give one number or one per P; got {len(steps)} for {len(pairs)} values of P")
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"pairs must be distinct, got {list(pairs)}")
+    return dict(zip((int(p) for p in pairs), steps))
+
+
+def curriculum(pairs: Sequence[int], steps: dict[int, int], chain: bool) -> dict[int, tuple[int | None, str]]:
+    """P -> (the P its run starts from or None, the curriculum name before it for run_dirname)."""
+    order = sorted(pairs)
+    out: dict[int, tuple[int | None, str]] = {}
+    for i, p in enumerate(order):
+        if not chain or i == 0:
+            out[p] = (None, "")
+        else:
+            out[p] = (order[i - 1], "-".join(f"P{q}x{steps[q]}" for q in order[:i]))
+    return out
+
+
+def run(workdir: str, *, models: Sequence[str] = DEFAULT_MODELS, pairs: Sequence[int] = DEFAULT_PAIRS,
+        steps: int | Sequence[int] = DEFAULT_STEPS, seeds: int = 1, chain: bool = True, runlocal: bool = False,
+        progress: bool = True, collect_only: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
     """Runs (or reuses) every (model, P, seed) run, then writes results.json and mqar.png under ``workdir``.
 
-    With ``collect_only`` nothing is trained: finished runs are collected and the others listed as pending
-    (e.g. to assemble the table while several processes train disjoint parts of the grid).
+    ``steps``: one number for every P or one per P. With ``chain`` (the recipe's curriculum) the run at each P
+    starts from the same model and seed's finished run at the next smaller P of ``pairs``; the smallest starts
+    fresh. With ``collect_only`` nothing is trained: finished runs are collected and the others listed as pending
+    (e.g. to assemble the table while several processes train disjoint models or seeds of the grid).
     """
-    if steps < 1 or seeds < 1 or not pairs or min(pairs) < 1 or not models:
-        raise ValueError(f"need steps >= 1, seeds >= 1, pairs >= 1 and some models; got steps={steps}, "
-                         f"seeds={seeds}, pairs={list(pairs)}, models={list(models)}")
+    if seeds < 1 or not pairs or min(pairs) < 1 or not models:
+        raise ValueError(f"need seeds >= 1, pairs >= 1 and some models; got seeds={seeds}, pairs={list(pairs)}, "
+                         f"models={list(models)}")
+    steps_p = steps_by_pairs(pairs, steps)
+    if min(steps_p.values()) < 1:
+        raise ValueError(f"need steps >= 1, got {steps_p}")
+    plan = curriculum(pairs, steps_p, chain)
     os.makedirs(workdir, exist_ok=True)
     reasons = {m: model_unavailable(m) for m in models}
-    # Smallest P first for every model: an interrupted grid still compares all models at the P it reached.
+
+    def where(m, p, s):   # (init workdir, after) of one run
+        prev, after = plan[p]
+        if prev is None:
+            return "", ""
+        return os.path.join(workdir, "runs", run_dirname(m, prev, steps_p[prev], s, runlocal, plan[prev][1])), after
+
+    # Smallest P first for every model: an interrupted grid still compares all models at the P it reached (and
+    # a chained run's source is finished before it starts).
     grid = [(m, p, s) for p in sorted(pairs) for s in range(seeds) for m in models]
     skipped = [{"model": m, "pairs": p, "seed": s, "reason": reasons[m]} for m, p, s in grid if reasons[m]]
     todo = [(m, p, s) for m, p, s in grid if not reasons[m]]
     runs: list[dict] = []
     if collect_only:
-        found = {(m, p, s): load_result(m, p, steps, s, workdir, runlocal) for m, p, s in todo}
+        found = {(m, p, s): load_result(m, p, steps_p[p], s, workdir, runlocal, where(m, p, s)[1])
+                 for m, p, s in todo}
         runs = [r for r in found.values() if r is not None]
         skipped += [{"model": m, "pairs": p, "seed": s, "reason": "pending: no result.json yet"}
                     for (m, p, s), r in found.items() if r is None]
@@ -220,43 +285,45 @@ def run(workdir: str, *, models: Sequence[str] = DEFAULT_MODELS, pairs: Sequence
         for m, p, s in todo:
             if bar is not None:
                 bar.set_postfix_str(f"{m} P={p} seed={s}")
-            rec = train_one(m, p, steps, s, workdir, runlocal=runlocal, progress=progress)
+            init, after = where(m, p, s)
+            rec = train_one(m, p, steps_p[p], s, workdir, runlocal=runlocal, progress=progress, init=init,
+                            after=after)
             runs.append(rec)
             how = "reused" if rec["reused"] else f"{rec['wall_s']:.0f} s"
             log(f"{m:>12s} P={p:<3d} seed={s}: eval_accuracy={rec['eval_accuracy']:.4f} ({how})")
-            _write(workdir, _record(runs, skipped, models, pairs, steps, seeds, runlocal, start))
+            _write(workdir, _record(runs, skipped, models, pairs, steps_p, seeds, chain, runlocal, start))
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    record = _record(runs, skipped, models, pairs, steps, seeds, runlocal, start)
-    record["plot"] = plot(record["table"], pairs, os.path.join(workdir, "mqar.png"),
-                          f"MQAR, {steps} steps x batch 32, {seeds} seed(s); 2 layers, d_model 64")
+    record = _record(runs, skipped, models, pairs, steps_p, seeds, chain, runlocal, start)
+    how = ("curriculum " + " -> ".join(f"P{p} ({steps_p[p]} steps)" for p in sorted(pairs)) if chain
+           else "steps " + ", ".join(f"P{p}: {steps_p[p]}" for p in sorted(pairs)))
+    record["plot"] = plot(record["table"], sorted(pairs), os.path.join(workdir, "mqar.png"),
+                          f"MQAR, {how}, {seeds} seed(s); 2 layers, d_model 64")
     _write(workdir, record)
     return record
 
 
-def _record(runs, skipped, models, pairs, steps, seeds, runlocal, start) -> dict:
+def _record(runs, skipped, models, pairs, steps_p, seeds, chain, runlocal, start) -> dict:
     import jax
+    from sqattn import configs
+    batch = {str(p): int(configs.get(config_name(models[0], p, steps_p[p], 0, runlocal)).batch_size)
+             for p in sorted(pairs)}
     return {
-        "settings": {"models": list(models), "pairs": [int(p) for p in pairs], "steps": steps, "seeds": seeds,
-                     "runlocal": runlocal, "batch_size": _batch_size(models, pairs, steps, runlocal),
-                     "seq_len": "4 * pairs",
+        "settings": {"models": list(models), "pairs": sorted(int(p) for p in pairs),
+                     "steps": {str(p): n for p, n in sorted(steps_p.items())}, "seeds": seeds, "chain": chain,
+                     "runlocal": runlocal, "batch_size": batch, "seq_len": "4 * pairs",
                      "backend": jax.default_backend(), "devices": jax.device_count(),
                      "config_family": "sqattn/configs/mqar.py"},
         "metric": "eval_accuracy: next-token accuracy at the query keys (weights == 1) of held-out sequences",
-        "table": summarize(runs, models, pairs),
+        "table": summarize(runs, models, sorted(pairs)),
         "runs": runs,
         "skipped": skipped,
         "load_avg_end": list(os.getloadavg()),
         "elapsed_s": time.perf_counter() - start,
     }
-
-
-def _batch_size(models, pairs, steps, runlocal) -> int:
-    from sqattn import configs
-    return int(configs.get(config_name(models[0], pairs[0], steps, 0, runlocal)).batch_size)
 
 
 def _write(workdir: str, record: dict) -> None:
@@ -280,12 +347,12 @@ def main(argv):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     try:
         pairs = [int(p) for p in FLAGS.pairs]
-        record = run(FLAGS.workdir, models=FLAGS.models, pairs=pairs, steps=FLAGS.steps, seeds=FLAGS.seeds,
-                     runlocal=FLAGS.runlocal, progress=FLAGS.progress, collect_only=FLAGS.collect_only,
+        record = run(FLAGS.workdir, models=FLAGS.models, pairs=pairs, steps=[int(x) for x in FLAGS.steps],
+                     seeds=FLAGS.seeds, chain=FLAGS.chain, runlocal=FLAGS.runlocal, progress=FLAGS.progress, collect_only=FLAGS.collect_only,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(format_table(record["table"], pairs), file=sys.stderr)
+    print(format_table(record["table"], sorted(pairs)), file=sys.stderr)
     for s in record["skipped"]:
         print(f"skipped {s['model']} P={s['pairs']} seed={s['seed']}: {s['reason']}", file=sys.stderr)
     print(json.dumps(record, sort_keys=True))

@@ -1,26 +1,48 @@
 """MQAR (multi-query associative recall) runs of papers/sse.md §7: small 2-layer LMs, one mixer type each.
 
-Command (one run; the grid over models and P is experiments/mqar.py):
-  python -m experiments.train --config=mqar:mixer=gla_softmax,pairs=32 --workdir=/tmp/mqar_gla_p32
+Command (one run; the grid over models and P, with the curriculum, is experiments/mqar.py):
+  python -m experiments.train --config=mqar:mixer=attention,pairs=4,steps=1000 --workdir=/tmp/mqar_att_p4
+  python -m experiments.train --config=mqar:mixer=attention,pairs=16,steps=2000,init=/tmp/mqar_att_p4 \
+      --workdir=/tmp/mqar_att_p16                                       # curriculum stage: starts from P=4
   python -m experiments.mqar --workdir=/work/runs/mqar                 # the whole grid, results.json + PNG
 Args: ``mixer=attention|gla_softmax|gla_silu|sse_n4k1|sse_n8k2`` (``sse_*`` need sqattn.mixers.sse),
 ``pairs=P`` (key-value pairs; the sequence is ``4P`` tokens: P "k v" pairs then P "k v" queries),
-``steps``, ``seed`` (parameter init and data stream), ``runlocal`` (a few steps at P <= 8, for smoke tests).
+``steps``, ``seed`` (parameter init and data stream), ``init=DIR`` (start from the finished run in DIR, the
+curriculum's previous stage: same parameter tree, any P), ``batch``/``lr``/``warmup`` (0/0/-1 = the recipe
+below), ``runlocal`` (a few steps at P <= 8, for smoke tests).
 
 Every model: 2 layers, d_model 64, 2 heads with key dim c = 32 and value dim d = 32, SwiGLU hidden 128 (x2),
 RMSNorm, tied embeddings, float32 compute; vocabulary 256 (keys 1..127, values 128..255, 0 = pad/noise).
-Training (the note's recipe): AdamW lr 3e-3, weight decay 0.1, 100 warmup steps then cosine to 0.1 x lr,
-batch 32, fresh random sequences every step, SSE partition-balance aux loss 0.01. Evaluation: 1024 held-out
-sequences (32 batches of the eval stream); ``eval_accuracy`` is next-token accuracy at the query keys only
-(the LM task weights by the data's loss mask, which is 1 exactly at the query keys).
+Parameters (not equalised; the mixers differ): attention 98,624, gla_softmax / gla_silu 111,104, sse_n4k1
+132,224, sse_n8k2 132,736. Evaluation: >= 1000 held-out sequences; ``eval_accuracy`` is next-token accuracy at
+the query keys only (the LM task weights by the data's loss mask, which is 1 exactly at the query keys).
 
-Hardware / runtime / result (measured 2026-11-29, one seed, a 2-core CPU shared with other jobs at load
-average 5-25): a train step takes 0.4-1.7 s (attention) to 1.5-3.5 s (GLA, SSE) at P=16 and ~2x/4x that at
-P=32/64, so 1000 steps cost 12-30 min per run at P=16 and the 15-run grid at 1000 steps many hours. At 1000
-steps every model is still near the start of learning: held-out query accuracy at P=16 attention 0.063,
-gla_softmax 0.065, gla_silu 0.170, sse_n4k1 0.145, sse_n8k2 0.188 (chance 1/128; guessing a stated value
-1/16); attention reaches 0.212 at 3000 steps. The note's expected direction (attention ~1.0, GLA dropping past
-P=32, SSE above GLA) needs much longer training than its 1500-2000-step estimate; not yet observed here.
+Recipe (2026-12-03). The note's recipe (AdamW 3e-3, batch 32, 1500-2000 fresh steps at the target P) does not
+train even softmax attention on this CPU budget: attention at P=16 stayed on the plateau (0.055 held-out query
+accuracy after 2000 steps at lr 1e-2, 0.212 after 3000 at 3e-3; at the end of the former no head put more than
+6% of its attention on the matching value, after the P = 4 stage below a layer-1 head puts 78% there).
+What works is a curriculum over P, as in Zoology, which trains on a mixture of P = 4..64: a fresh run at
+P = 4 (lr 1e-2, 100 warmup steps, batch 128, 1000 steps) forms the induction circuit (0.98), then each larger P
+starts from the finished run at the previous P (``init=``; lr 5e-3, 50 warmup steps). Every step has
+TOKENS_PER_STEP = 2048 tokens when P <= 16 (batch = max(32, 2048 // 4P)): on this CPU a step's time is per
+token (~8-12k tokens/s at every batch 32-256 and P 16-64, table below), so a larger batch buys nothing
+here. Cosine to 0.1 x lr, weight decay 0.1 on matrices only, grad clip 1, SSE partition-balance aux 0.01.
+
+Measured 2026-12-03 (a 2-core CPU shared with other jobs, every run at nice 10).
+Time per train step, attention, this family's model (experiments.train, 20-60 steps, best logged window of
+metrics.jsonl tokens_per_s; load average 3.6-5.4):
+    P=16: batch 32 0.20 s (10.5k tok/s), batch 128 0.68 s (12.0k), batch 256 1.73 s (9.5k)
+    P=32: batch 32 0.37 s (11.1k),       batch 128 1.67 s (9.8k)
+    P=64: batch 32 0.76 s (10.7k),       batch 128 4.27 s (7.7k)
+i.e. ~6 ms per sequence of 64 tokens at any batch: a larger batch costs proportionally more on this CPU.
+Under the load of the later runs (load average 6-9, other jobs at nice 0) a step took ~6x longer.
+Attention with the curriculum (experiments.mqar --models=attention, seed 0; held-out query accuracy on 1024
+sequences): P=4 (1000 steps, fresh) 0.985, then P=16 (2000 steps, from P=4) 0.996, P=32 (400 steps, from P=16) was running when this was written.
+Without it (fresh runs at P=16, batch 32): 0.055 after 2000 steps at lr 1e-2 (0.212 after 3000 at 3e-3,
+2026-11-29); d_model 128 with 4 heads of 32 (2x the step time) was no better after 500 steps (0.058 vs 0.055).
+GLA, SSE, a second seed and P=64 were not run (time), so the note's comparison is still not measured; the
+curriculum costs ~30 min of this CPU unloaded per attention chain (4 -> 64), GLA/SSE steps ~2-4x that, so the
+full grid (5 models x 4 P x 2 seeds) needs roughly 10-25 h of it.
 """
 
 from __future__ import annotations
@@ -39,6 +61,12 @@ HEAD_DIM = 32             # c = d = 32
 MLP_DIM = 2 * D_MODEL     # SwiGLU x2
 EVAL_SEQUENCES = 1000     # rounded up to whole eval batches
 CHUNK_SIZE = 32
+# The recipe (module docstring): a fresh run (the curriculum's first stage, P = 4) at lr 1e-2 with 100 warmup
+# steps; a run started from a smaller-P run (``init=``) at lr 5e-3 with 50 warmup steps; both cosine to 0.1 x lr.
+LR_FRESH, WARMUP_FRESH = 1e-2, 100
+LR_STAGE, WARMUP_STAGE = 5e-3, 50
+TOKENS_PER_STEP = 2048    # batch = max(MIN_BATCH, TOKENS_PER_STEP // 4P): 128 at P=4, 32 at P >= 16
+MIN_BATCH = 32
 
 # mixer arg -> (block-pattern letter, sub-config name, sub-config). SSE: N sparse partitions, top-K routing
 # (+ the always-selected shared partition). Its "sorted" form equals the note's "mask" form up to float rounding
@@ -64,25 +92,31 @@ MIXERS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The MQAR run ``arg`` = ``"mixer=...,pairs=...,steps=...,seed=...[,runlocal]"``."""
-    a = parse_arg(arg, mixer="gla_softmax", pairs=32, steps=1500, seed=0, runlocal=False)
+    """The MQAR run ``arg`` = ``"mixer=...,pairs=...,steps=...,seed=...[,batch=B][,lr=X][,warmup=W][,init=DIR]
+    [,runlocal]"``; ``batch``/``lr``/``warmup`` left at 0/0/-1 take the recipe's defaults (module docstring)."""
+    a = parse_arg(arg, mixer="gla_softmax", pairs=32, steps=1500, seed=0, batch=0, lr=0.0, warmup=-1, init="",
+                  runlocal=False)
     if a.mixer not in MIXERS:
         raise ValueError(f"mqar configs: unknown mixer {a.mixer!r}; expected one of {sorted(MIXERS)}")
     if a.pairs < 1:
         raise ValueError(f"mqar configs: pairs must be >= 1, got {a.pairs}")
+    if a.batch < 0 or a.lr < 0:
+        raise ValueError(f"mqar configs: batch and lr must be >= 0 (0 = the recipe's default), got "
+                         f"batch={a.batch}, lr={a.lr}")
     letter, name, mixer_cfg = MIXERS[a.mixer]
     c = base.base_config()
     c.seed = a.seed
-    c.batch_size = 32
+    c.batch_size = a.batch or default_batch(a.pairs)
     c.num_steps = a.steps
     c.log_every = 50
-    c.eval_every = 500
-    c.eval_batches = math.ceil(EVAL_SEQUENCES / c.batch_size)   # 32 x 32 = 1024 held-out sequences
+    c.eval_every = 250
+    c.eval_batches = math.ceil(EVAL_SEQUENCES / c.batch_size)   # >= 1000 held-out sequences
     c.checkpoint_every = 500
     c.keep_checkpoints = 1
-    c.optim.lr = 3e-3
+    c.optim.lr = a.lr or (LR_STAGE if a.init else LR_FRESH)
     c.optim.weight_decay = 0.1
-    c.optim.warmup_steps = 100
+    c.optim.warmup_steps = a.warmup if a.warmup >= 0 else (WARMUP_STAGE if a.init else WARMUP_FRESH)
+    c.init.workdir = a.init    # curriculum: start from the finished run at a smaller P (same parameter tree)
     c.data = data.default_config("mqar")
     c.data.seed = a.seed
     c.data.num_kv_pairs = a.pairs
@@ -105,3 +139,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.num_kv_pairs = pairs
         c.data.seq_len = 4 * pairs
     return c
+
+
+def default_batch(pairs: int) -> int:
+    """Sequences per step: TOKENS_PER_STEP tokens (a step's CPU time is per token here), at least MIN_BATCH."""
+    return max(MIN_BATCH, TOKENS_PER_STEP // (4 * pairs))

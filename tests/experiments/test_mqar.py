@@ -75,7 +75,7 @@ def test_binary_grid_writes_results_and_resumes(tmp_path):
         on_disk = json.load(f)
     assert on_disk["table"] == rec["table"] and os.path.getsize(os.path.join(wd, "mqar.png")) > 0
     assert set(rec["table"]) == set(models) and not rec["skipped"]
-    assert rec["settings"]["batch_size"] == 8 and rec["settings"]["pairs"] == [4]
+    assert rec["settings"]["batch_size"] == {"4": 8} and rec["settings"]["pairs"] == [4]
     for model in models:
         row = rec["table"][model]
         assert row["params"] > 0 and set(row["by_pairs"]) == {"4"}
@@ -95,6 +95,34 @@ def test_binary_grid_writes_results_and_resumes(tmp_path):
     assert sorted((s["model"], s["pairs"]) for s in collected["skipped"]) == [("attention", 8), ("gla_softmax", 8)]
     assert all(s["reason"].startswith("pending") for s in collected["skipped"])
     assert "attention" in mqar.format_table(rec["table"], (4,))
+    # the curriculum: P=8 starts from the finished P=4 run (its FLOPs are counted on top of the source's)
+    chained = mqar.run(wd, models=("attention",), pairs=(8, 4), steps=(2, 3), seeds=1, runlocal=True,
+                       progress=False)
+    by_p = {r["pairs"]: r for r in chained["runs"]}
+    assert by_p[4]["reused"] and not by_p[8]["reused"]          # (runlocal trains 4 steps whatever steps says)
+    assert by_p[8]["init"] == by_p[4]["run_dir"] and by_p[8]["after"] == "P4x3"
+    assert f"init={by_p[4]['run_dir']}" in by_p[8]["command"] and by_p[8]["run_dir"].endswith("_after-P4x3_runlocal")
+    src_flops = max(r["train_flops"] for r in _metrics(by_p[4]["run_dir"]) if "train_flops" in r)
+    first = min((r for r in _metrics(by_p[8]["run_dir"]) if "train_flops" in r), key=lambda r: r["step"])
+    assert first["step"] == 1 and first["train_flops"] > src_flops
+    assert chained["settings"]["steps"] == {"4": 3, "8": 2} and chained["settings"]["chain"]
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_steps_per_pairs_and_curriculum_names():
+    assert mqar.steps_by_pairs((16, 4), 7) == {16: 7, 4: 7}
+    assert mqar.steps_by_pairs((16, 4), (5, 9)) == {16: 5, 4: 9}
+    with pytest.raises(ValueError, match="one per P"):
+        mqar.steps_by_pairs((4, 16, 32), (1, 2))
+    plan = mqar.curriculum((32, 4, 16), {4: 10, 16: 20, 32: 30}, chain=True)
+    assert plan == {4: (None, ""), 16: (4, "P4x10"), 32: (16, "P4x10-P16x20")}
+    assert mqar.curriculum((32, 4), {4: 1, 32: 2}, chain=False) == {4: (None, ""), 32: (None, "")}
+    with pytest.raises(ValueError, match="must not contain"):
+        mqar.config_name("attention", 4, 10, 0, init="/a,b")
 
 
 def test_unknown_model_and_missing_mixer_are_reported(monkeypatch):
@@ -102,3 +130,17 @@ def test_unknown_model_and_missing_mixer_are_reported(monkeypatch):
         mqar.model_unavailable("transformer")
     monkeypatch.setitem(mqar_configs.MIXERS, "ghost", ("~", "ghost", {}))
     assert "not registered" in mqar.model_unavailable("ghost")
+
+
+def test_recipe_defaults_and_overrides():
+    fresh = configs.get("mqar:mixer=attention,pairs=4")
+    assert fresh.batch_size == 128 and fresh.optim.lr == mqar_configs.LR_FRESH and fresh.init.workdir == ""
+    assert fresh.optim.warmup_steps == mqar_configs.WARMUP_FRESH
+    stage = configs.get("mqar:mixer=attention,pairs=64,init=/runs/p32")
+    assert stage.batch_size == 32 and stage.init.workdir == "/runs/p32"
+    assert (stage.optim.lr, stage.optim.warmup_steps) == (mqar_configs.LR_STAGE, mqar_configs.WARMUP_STAGE)
+    assert configs.get("mqar:mixer=attention,pairs=16").batch_size * 4 * 16 == mqar_configs.TOKENS_PER_STEP
+    own = configs.get("mqar:mixer=attention,pairs=16,batch=64,lr=1e-3,warmup=7")
+    assert (own.batch_size, own.optim.lr, own.optim.warmup_steps) == (64, 1e-3, 7)
+    with pytest.raises(ValueError, match="batch and lr must be >= 0"):
+        configs.get("mqar:mixer=attention,batch=-1")
