@@ -29,7 +29,19 @@ at the largest T), ``attention_speedup_by_T``, every row, ``loadavg_start`` / ``
 (``os.getloadavg()``), versions and settings. torch is not an sqattn dependency: ``pip install -e '.[torch]'``
 (or ``pip install torch``, a CPU build).
 
-Measured. Only on a loaded machine so far (2 cores shared with ~9 other agents, load average 24-31, so absolute
+Measured on a near-quiet machine (2026-12-03, ``python -m experiments.bench_vs_torch --quick``: 5 rounds, load
+average 1.2 -> 1.8 (one other agent's job), JAX 0.10.2, torch 2.14.1 CPU):
+
+  | work                                   | ours min / median | torch eager min / median | ours / torch speed |
+  | lm_tiny train step, bf16 (16 x 128)    | 0.285 / 0.302 s   | 0.187 / 0.279 s          | 0.93x (medians)    |
+  | attention fwd+bwd, T = 1024, us/token  | 57.9              | SDPA 18.1                | 0.31x              |
+  | attention fwd+bwd, T = 4096, us/token  | 196.2             | SDPA 38.5                | 0.20x              |
+
+  MFU of our bf16 step: 8.6 % of the measured bf16 peak (420 GFLOP/s). The blocked path is 1.5x / 1.8x faster
+  per token than the dense masked attention it replaced (86.7 / 362 us/token in issue 26), but SDPA is still
+  3-5x faster: neither speedup reaches 1.0 yet.
+
+Earlier, on a loaded machine (2 cores shared with ~9 other agents, load average 24-31, so absolute
 times are ~5-10x a quiet machine's; the interleaving keeps the ratios comparable, but torch's OpenMP threads
 suffer more than XLA's under oversubscription in the step rows). Re-run on a quiet machine for the record:
 
