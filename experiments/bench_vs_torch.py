@@ -43,7 +43,7 @@ average 1.2 -> 1.8 (one other agent's job), JAX 0.10.2, torch 2.14.1 CPU):
 
 Earlier, on a loaded machine (2 cores shared with ~9 other agents, load average 24-31, so absolute
 times are ~5-10x a quiet machine's; the interleaving keeps the ratios comparable, but torch's OpenMP threads
-suffer more than XLA's under oversubscription in the step rows).:
+suffer more than XLA's under oversubscription in the step rows):
 
   nice -n 10 python -m experiments.bench_vs_torch --parts=attention --rounds=5    (load 25.7 -> 23.9)
   | attention fwd+bwd, bf16, 8192 tokens | ours (blocked) us/token | SDPA us/token | ours / SDPA speed |
