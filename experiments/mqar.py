@@ -32,10 +32,11 @@ is not run again, an unfinished one resumes from its checkpoint), ``results.json
 with the per-seed accuracies, parameter counts, skipped runs) and ``mqar.png`` (accuracy vs P). The JSON is
 printed too.
 
-Measured 2026-12-03 (a 2-core CPU shared with other jobs, load average 5-9, nice 10): see
+Measured 2026-12-03 (a 2-core CPU shared with other jobs, load average 1-9, nice 10): see
 sqattn/configs/mqar.py for step times and the recipe search. ``--models=attention --seeds=1`` (curriculum
-P4x1000 -> P16x2000 -> P32x400): held-out query accuracy P=4 0.985, P=16 0.996, P=32 still running; P=64, the other four
-models and a second seed were not run (time).
+P4x1000 -> P16x2000 -> P32): held-out query accuracy P=4 0.985, P=16 0.996; P=32 0.845 after 400 steps
+(``--pairs=4,16,32 --steps=1000,2000,400``), the default 1000-step P=32 run stopped at step 294 (0.635 at step
+250; it resumes). Not run (time): P=64, the other four models, a second seed.
 """
 
 from __future__ import annotations
@@ -348,7 +349,8 @@ def main(argv):
     try:
         pairs = [int(p) for p in FLAGS.pairs]
         record = run(FLAGS.workdir, models=FLAGS.models, pairs=pairs, steps=[int(x) for x in FLAGS.steps],
-                     seeds=FLAGS.seeds, chain=FLAGS.chain, runlocal=FLAGS.runlocal, progress=FLAGS.progress, collect_only=FLAGS.collect_only,
+                     seeds=FLAGS.seeds, chain=FLAGS.chain, runlocal=FLAGS.runlocal,
+                     progress=FLAGS.progress, collect_only=FLAGS.collect_only,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -21,7 +21,7 @@ Recipe (2026-12-03). The note's recipe (AdamW 3e-3, batch 32, 1500-2000 fresh st
 train even softmax attention on this CPU budget: attention at P=16 stayed on the plateau (0.055 held-out query
 accuracy after 2000 steps at lr 1e-2, 0.212 after 3000 at 3e-3; at the end of the former no head put more than
 6% of its attention on the matching value, after the P = 4 stage below a layer-1 head puts 78% there).
-What works is a curriculum over P, as in Zoology, which trains on a mixture of P = 4..64: a fresh run at
+What worked (at P = 16) is a curriculum over P, as in Zoology, which trains on a mixture of P = 4..64: a fresh run at
 P = 4 (lr 1e-2, 100 warmup steps, batch 128, 1000 steps) forms the induction circuit (0.98), then each larger P
 starts from the finished run at the previous P (``init=``; lr 5e-3, 50 warmup steps). Every step has
 TOKENS_PER_STEP = 2048 tokens when P <= 16 (batch = max(32, 2048 // 4P)): on this CPU a step's time is per
@@ -37,12 +37,16 @@ metrics.jsonl tokens_per_s; load average 3.6-5.4):
 i.e. ~6 ms per sequence of 64 tokens at any batch: a larger batch costs proportionally more on this CPU.
 Under the load of the later runs (load average 6-9, other jobs at nice 0) a step took ~6x longer.
 Attention with the curriculum (experiments.mqar --models=attention, seed 0; held-out query accuracy on 1024
-sequences): P=4 (1000 steps, fresh) 0.985, then P=16 (2000 steps, from P=4) 0.996, P=32 (400 steps, from P=16) was running when this was written.
+sequences): P=4 (1000 steps, fresh) 0.985, then P=16 (2000 steps, from P=4) 0.996; P=32 from P=16: 0.845
+after 400 steps (0.741 at 250; not solved), and with the default 1000 steps 0.635 at step 250 (grad norm
+9-17, clipped to 1, so lr 5e-3 may be too high at P >= 32) when it was stopped at step 294 for time (its
+checkpoint is kept; rerunning the experiments.mqar command resumes it).
 Without it (fresh runs at P=16, batch 32): 0.055 after 2000 steps at lr 1e-2 (0.212 after 3000 at 3e-3,
 2026-11-29); d_model 128 with 4 heads of 32 (2x the step time) was no better after 500 steps (0.058 vs 0.055).
-GLA, SSE, a second seed and P=64 were not run (time), so the note's comparison is still not measured; the
-curriculum costs ~30 min of this CPU unloaded per attention chain (4 -> 64), GLA/SSE steps ~2-4x that, so the
-full grid (5 models x 4 P x 2 seeds) needs roughly 10-25 h of it.
+So attention solves MQAR at P = 16 (>= 0.99) but was not yet shown to at P = 32 or 64. GLA, SSE, a second
+seed and P=64 were not run (time), so the note's comparison is still not measured; the curriculum costs
+~30 min of this CPU unloaded per attention chain (4 -> 64), GLA/SSE steps ~2-4x that, so the full grid
+(5 models x 4 P x 2 seeds) needs roughly 10-25 h of it.
 """
 
 from __future__ import annotations
