@@ -22,6 +22,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 def pytest_runtest_logreport(report):
     times = os.environ.get("SQATTN_TEST_TIMES")
-    if times and report.when == "call":
+    # Under xdist the hook runs in the worker and again in the controller (replayed report): write once.
+    if times and report.when == "call" and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(times, "a") as f:
             f.write(f"{report.duration:9.2f} {report.outcome:7s} {report.nodeid}\n")
