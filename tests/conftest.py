@@ -15,6 +15,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE = os.environ.setdefault(
     "SQATTN_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sqattn-jax-test"))
+# A directory of its own: jax's locked cache expects an access-time file beside every entry, which caches
+# written without the lock (older runs of this suite) lack.
+_CACHE = os.path.join(_CACHE, "locked")
 # Environment, not jax.config, so that the binaries the tests start as subprocesses inherit all three.
 os.environ.setdefault("SQATTN_COMPILATION_CACHE", _CACHE)
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))  # > 0: reads and writes take the lock

@@ -23,11 +23,11 @@ list of batches; no Python loop of model copies.
 Runs: ``load_run(workdir, step)`` rebuilds any trainer workdir's parameters, task and batches
 (``sqattn.sample.load_model``); ``compare(run_a, run_b, ...)`` measures everything above. Spawning:
 ``child_config(parent, step, data_seed)`` is an ordinary trainer config started from the parent's checkpoint
-(``config.init.workdir/step``) with its own data-order seed ``config.data.seed``; the child trains the parent's
-remaining ``num_steps - step`` steps (``data_offset = step``), with a fresh optimizer state (the trainer's
-``init`` path restores parameters only; the teacher_lmc config uses a constant learning rate after a 10-step warmup
-so the child's schedule matches the parent's). ``train_parent`` trains a run in segments that stop at each spawn
-step, so a checkpoint exists at every spawn point.
+(``config.init.workdir/step``) with its own data-order seed ``config.data.seed``; the child copies the parent's
+whole train state there (``init.state='full'``: step counter, parameters, Adam moments, so the schedule and
+optimizer continue the parent's) and trains the parent's remaining steps. ``state='params'`` restarts the
+optimizer instead (an ablation). ``train_parent`` trains a run in segments that stop at each spawn step, so a
+checkpoint exists at every spawn point.
 """
 
 from __future__ import annotations
@@ -435,14 +435,23 @@ def _config_of(workdir: str) -> ml_collections.ConfigDict:
 
 
 def child_config(parent_workdir: str, step: int, data_seed: int, *, extra_steps: int | None = None,
-                 parent_config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+                 parent_config: ml_collections.ConfigDict | None = None,
+                 state: str = "full") -> ml_collections.ConfigDict:
     """The config of a child of ``parent_workdir`` spawned at ``step`` with data-order seed ``data_seed``.
 
     An ordinary trainer config: the parent's (from its config.json unless ``parent_config`` is given) with
-    ``init.workdir = parent``, ``init.step = step``, ``data.seed = data_seed``, ``data_offset = parent's + step``
-    and ``num_steps = parent's num_steps - step`` (``extra_steps`` instead, e.g. for children of the final
-    checkpoint). Everything else (optimizer, batch, model) is the parent's.
+    ``init.workdir = parent``, ``init.step = step`` and ``data.seed = data_seed``; everything else (optimizer,
+    batch, model) is the parent's. The child trains the parent's remaining steps (``extra_steps`` instead, e.g.
+    for children of the final checkpoint).
+
+    ``state="full"`` (lmc.md's protocol): the child copies the parent's whole train state at ``step``: step
+    counter, parameters and optimizer moments (``init.state='full'``), so its learning-rate schedule and Adam
+    state continue the parent's; ``num_steps = step + remaining``. ``state="params"``: parameters only, with a
+    fresh optimizer (its own warmup) and ``num_steps = remaining``, ``data_offset = parent's + step`` (an
+    ablation: a restarted optimizer is a perturbation of its own).
     """
+    if state not in ("full", "params"):
+        raise ValueError(f"state must be 'full' or 'params', got {state!r}")
     c = ml_collections.ConfigDict((parent_config or _config_of(parent_workdir)).to_dict())
     steps = int(c.num_steps) - int(step) if extra_steps is None else int(extra_steps)
     if steps < 1:
@@ -451,9 +460,13 @@ def child_config(parent_workdir: str, step: int, data_seed: int, *, extra_steps:
     c.init.workdir = os.path.abspath(parent_workdir)
     c.init.step = int(step)
     c.init.transfer = "same"
+    c.init.state = state
     c.data.seed = int(data_seed)
-    c.data_offset = int(c.get("data_offset", 0)) + int(step)
-    c.num_steps = steps
+    if state == "full":
+        c.num_steps = int(step) + steps
+    else:
+        c.data_offset = int(c.get("data_offset", 0)) + int(step)
+        c.num_steps = steps
     c.checkpoint_every = min(int(c.checkpoint_every), steps)
     if int(c.get("eval_every", 0)) > steps:
         c.eval_every = 0

@@ -31,6 +31,9 @@ def init_config() -> ml_collections.ConfigDict:
         transform="",         # "module:function"(src_model, src_config, config) -> model of this config
                               # (growth, expansion); replaces `transfer` when set
         args=ml_collections.ConfigDict(),   # free-form arguments of `transform` (set by its configs)
+        state="params",       # "params": the source's parameters, a fresh optimizer, step 0; "full": the source
+                              # checkpoint's whole train state (step, parameters, optimizer moments), so the run
+                              # continues the source's trajectory in its own workdir (a spawned child, lmc.md)
     ))
 
 

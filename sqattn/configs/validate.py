@@ -54,6 +54,12 @@ def validate(cfg: ml_collections.ConfigDict, *, check_devices: bool = True) -> N
         _check(not transform or (":" in transform and all(transform.partition(":")[::2])),
                f"init.transform must be '' or 'module.path:function', got {transform!r}")
         _check(not transform or init.workdir, f"init.transform {transform!r} needs init.workdir (the source run)")
+        state = init.get("state", "params")
+        _check(state in ("params", "full"), f"init.state must be 'params' or 'full', got {state!r}")
+        _check(state == "params" or init.workdir, "init.state='full' needs init.workdir (the run to continue)")
+        _check(state == "params" or (init.transfer == "same" and not transform),
+               f"init.state='full' continues the source run's train state, so it needs init.transfer='same' "
+               f"and no init.transform (got transfer={init.transfer!r}, transform={transform!r})")
     if peft is not None:
         from sqattn.peft import METHODS
         _check(peft.method in ("", *METHODS), f"peft.method must be '' or one of {sorted(METHODS)}, "

@@ -179,6 +179,8 @@ def make_setup(config, mesh: jax.sharding.Mesh | None = None) -> Setup:
 def init_state(config, setup: Setup) -> dict:
     """Initialises params and optimizer state directly into their shardings."""
     init_cfg = config.get("init") or {}
+    if init_cfg.get("workdir") and init_cfg.get("state", "params") == "full":
+        return restore_source_state(config, setup)
     if init_cfg.get("workdir"):
         loaded = nnx.to_pure_dict(nnx.state(load_init_model(config), nnx.Param))
         params = jax.device_put(jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), loaded,
@@ -191,6 +193,43 @@ def init_state(config, setup: Setup) -> dict:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": setup.tx.init(params)}
     return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+def restore_source_state(config, setup: Setup) -> dict:
+    """``init.state='full'``: the train state (step, parameters, optimizer state) of ``config.init.workdir``'s
+    checkpoint ``init.step`` (-1 = latest), restored into this run's shardings.
+
+    The run then continues the source's trajectory (its step counter, learning-rate schedule position and Adam
+    moments) in its own workdir, e.g. with another data order (a spawned child, lmc.md). The model must be the
+    source's, and the optimizer must have the same state tree (same optimizer and ``optim.trainable``):
+    ``CheckpointError`` names what differs. Host hooks (``make_hooks``) start from their initial state.
+    """
+    import json
+    from sqattn.train import checkpoint as ckpt_lib
+    init = config.init
+    ck = ckpt_lib.Checkpointer(init.workdir)
+    try:
+        steps = ck.all_steps()
+        if not steps:
+            raise ckpt_lib.CheckpointError(f"init.workdir {init.workdir!r} has no checkpoint to continue from")
+        step = max(steps) if int(init.step) < 0 else int(init.step)
+        if step not in steps:
+            raise ckpt_lib.CheckpointError(f"init.workdir {init.workdir!r} has no checkpoint at step {step} "
+                                           f"(it has {sorted(steps)})")
+        try:
+            state = ck.restore(step, setup.abstract_state, setup.state_shardings,
+                               json.loads(config.to_json_best_effort()))
+        except ckpt_lib.CorruptCheckpointError as e:
+            raise ckpt_lib.CheckpointError(
+                f"{str(e).split(' It was left in place')[0]}\ninit.state='full' needs the source's train state "
+                f"tree: the same optimizer and optim.trainable as the run in {init.workdir!r} (the source was not "
+                f"changed)") from e
+    finally:
+        ck.close()
+    if int(state["step"]) >= int(config.num_steps):
+        raise ValueError(f"init.state='full' continues from step {int(state['step'])} of {init.workdir!r}, but "
+                         f"num_steps={config.num_steps} leaves nothing to train (the step counter continues)")
+    return state
 
 
 def per_device_bytes(abstract_tree, shardings) -> int:

@@ -202,8 +202,8 @@ def _source_flops(config) -> float:
     Read from the source's ``metrics.jsonl`` ``train_flops``: exact at a logged step, else extrapolated at the
     source's constant per-step rate from its last two records before the step."""
     init = config.get("init") or {}
-    if not init.get("workdir"):
-        return 0.0
+    if not init.get("workdir") or init.get("state", "params") == "full":
+        return 0.0           # init.state='full': the step counter continues the source's, its FLOPs included
     step = int(init.get("step", -1))
     if step < 0:
         ckpt = os.path.join(init.workdir, "checkpoints")

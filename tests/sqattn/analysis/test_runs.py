@@ -57,12 +57,13 @@ def test_spawned_child_resumes_after_a_kill(parent):
     root, pwd = parent
     assert lmc.checkpoint_steps(pwd) == [0, 2, 4]
     cc = lmc.child_config(pwd, 2, data_seed=7, extra_steps=4)
-    assert (cc.init.workdir, cc.init.step, cc.data.seed, cc.data_offset, cc.num_steps) == (pwd, 2, 7, 2, 4)
+    assert (cc.init.workdir, cc.init.step, cc.init.state, cc.data.seed, cc.get("data_offset", 0),
+            cc.num_steps) == (pwd, 2, "full", 7, 0, 6)       # the step counter continues the parent's
     killed, whole = str(root / "killed"), str(root / "whole")
-    out = train_and_evaluate(cc, killed, stop_after=2, progress=False)    # preempted after 2 of 4 steps
-    assert out["stopped_early"] and out["step"] == 2
-    out = train_and_evaluate(cc, killed, progress=False)                  # rerun: resumes from its own step 2
-    assert not out["stopped_early"] and out["step"] == 4
+    out = train_and_evaluate(cc, killed, stop_after=4, progress=False)    # preempted after 2 of 4 steps
+    assert out["stopped_early"] and out["step"] == 4
+    out = train_and_evaluate(cc, killed, progress=False)                  # rerun: resumes from its own step 4
+    assert not out["stopped_early"] and out["step"] == 6
     train_and_evaluate(cc, whole, progress=False)
     for a, b in zip(_params(killed), _params(whole)):
         np.testing.assert_array_equal(a, b)
@@ -72,6 +73,26 @@ def test_spawned_child_resumes_after_a_kill(parent):
     assert lmc.distance(child.params, run_k.params) < lmc.distance(child.params, fresh.params)
     with pytest.raises(ValueError, match="nothing to train"):
         lmc.child_config(pwd, 4, data_seed=1)
+
+
+def test_child_copies_the_parents_optimizer_state(parent):
+    """A child spawned with the parent's own data order IS the parent from there on (step counter, schedule and
+    Adam moments copied: lmc.md); with a restarted optimizer (state='params') it is not."""
+    root, pwd = parent
+    seed = int(lmc._config_of(pwd).data.seed)
+    same = lmc.child_config(pwd, 2, data_seed=seed)
+    train_and_evaluate(same, str(root / "same_order"), progress=False)
+    for a, b in zip(_params(str(root / "same_order")), jax.tree.leaves(lmc.load_run(pwd, 4, datasets=False).params)):
+        np.testing.assert_array_equal(a, b)
+    restarted = lmc.child_config(pwd, 2, data_seed=seed, state="params")
+    assert (restarted.num_steps, restarted.data_offset, restarted.init.state) == (2, 2, "params")
+    train_and_evaluate(restarted, str(root / "restarted"), progress=False)
+    gap = lmc.distance(lmc.load_run(str(root / "restarted"), datasets=False).params,
+                       lmc.load_run(pwd, 4, datasets=False).params)
+    assert gap > 1e-3 * lmc.distance(lmc.load_run(pwd, 4, datasets=False).params,
+                                     lmc.load_run(pwd, 2, datasets=False).params)
+    with pytest.raises(ValueError, match="state must be 'full' or 'params'"):
+        lmc.child_config(pwd, 2, data_seed=1, state="moments")
 
 
 def test_compare_on_runs(parent):

@@ -91,3 +91,20 @@ def test_bad_init_and_trainable_settings_are_clear_errors(base_run, tmp_path):
     from sqattn.configs.validate import ConfigError
     with pytest.raises(ConfigError, match="init.workdir"):
         train_and_evaluate(_lora_cfg(str(tmp_path / "missing")), str(tmp_path / "y"), progress=False)
+    # init.state='full' (continue the source's whole train state): only for the same tree, at a step it has,
+    # with the same optimizer state tree, and with steps left to train
+    bad_state = _lora_cfg(base_run, **{"init.state": "moments"})
+    with pytest.raises(ConfigError, match="init.state must be 'params' or 'full'"):
+        train_and_evaluate(bad_state, str(tmp_path / "z"), progress=False)
+    with pytest.raises(ConfigError, match="needs init.transfer='same'"):
+        train_and_evaluate(_lora_cfg(base_run, **{"init.state": "full", "init.transfer": "transplant"}),
+                           str(tmp_path / "z"), progress=False)
+    full = dict(**{"init.state": "full", "peft.method": "", "optim.trainable": ""})
+    from sqattn.train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="no checkpoint at step 7 .*it has \\[2\\]"):
+        train_and_evaluate(_lora_cfg(base_run, **full, **{"init.step": 7}), str(tmp_path / "z"), progress=False)
+    with pytest.raises(CheckpointError, match="same optimizer and optim.trainable"):
+        train_and_evaluate(_lora_cfg(base_run, **{**full, "optim.trainable": "embed"}), str(tmp_path / "z"),
+                           progress=False)
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        train_and_evaluate(_lora_cfg(base_run, **full, **{"num_steps": 2}), str(tmp_path / "z"), progress=False)
