@@ -3,8 +3,8 @@ barrier between each pair of children and what predicts it, versus k.
 
 Every run is an ordinary trainer run (``sqattn.train.train_and_evaluate``) in ``<workdir>/<part>/...``:
 parents are trained in segments so a checkpoint exists at each spawn step (``lmc.train_parent``); a child is
-``lmc.child_config(parent, k, data_seed)`` (the parent's checkpoint k, its own data order, the parent's remaining
-steps). Finished runs are reused, so a rerun only measures. Parts:
+``lmc.child_config(parent, k, data_seed)`` (the parent's whole train state at k - parameters, step, Adam
+moments - its own data order, the parent's remaining steps). Finished runs are reused, so a rerun only measures. Parts:
 
 * ``teacher``: the note's protocol on the teacher MLP (``teacher_lmc``: 32 -> 128 -> 128 -> 10 ReLU student of a
   random 10-class teacher, 10k examples, batch 32, constant-LR AdamW). ``--parent_seeds`` parents (init seed s,
@@ -22,37 +22,43 @@ a*, distance, displacement angle from the spawn point, B_H / B_g / B_q along the
   python -m experiments.lmc --workdir=/tmp/lmc                          # both parts
   python -m experiments.lmc --workdir=/tmp/lmc --parts=teacher --steps=1500
 
-Measured (2 CPU cores shared with ~9 other agents' jobs, load average 12-23; JAX 0.10.2 CPU).
+Measured on 2 CPU cores, JAX 0.10.2 CPU (load stated per part).
 
-Teacher part: ``python -m experiments.lmc --workdir=/work/runs/lmc --parts=teacher`` (defaults: 2 parents x 600
-steps, width 32, AdamW lr 0.03 constant after 10 warmup steps, batch 32, spawn k in {0, 10, 50, 200}, 2 children
-per k, negative control = 2 children of step 600 trained 60 more steps); 22 trainer runs in 353 s, measuring 66 s
-(429 s in all). Barriers in the chord form on 21 points; train loss on 16 x 32 train examples, eval error on
-32 x 32 eval examples; means over the 2 parents' pairs (one pair for the independent control: parent 0 vs
-parent 1, different init and data order):
+Teacher part: ``python -m experiments.lmc --workdir=/work/runs/lmc_full --parts=teacher`` (defaults: 2 parents x
+600 steps, width 32, AdamW lr 0.03 constant after 10 warmup steps, batch 32, spawn k in {0, 10, 50, 200}, 2
+children per k, negative control = 2 children of step 600 trained 60 more steps). Children copy the parent's
+whole train state at k (step, parameters, Adam moments: ``lmc.child_config(..., state="full")``, the note's
+protocol). Re-measured 2026-12-03 (2 cores, load average 4-5: the test suite ran beside it): 20 child runs in
+113 s (parents reused), measuring 47 s. Barriers in the chord form on 21 points; train loss on 16 x 32 train
+examples, eval error on 32 x 32 eval examples; means over the 2 parents' pairs (one pair for the independent
+control: parent 0 vs parent 1, different init and data order):
 
   | pairs                  | k   | train-loss barrier | eval-error barrier | a*   | distance | angle (deg) | parent loss at k | B_H    | B_g    | B_q    | chord gap at 1/2 |
   |------------------------|-----|--------------------|--------------------|------|----------|-------------|------------------|--------|--------|--------|------------------|
-  | spawned children       | 0   | 0.173              | 0.057              | 0.50 | 25.9     | 63.7        | 2.43             | 0.531  | -0.052 | 0.178  | 0.173            |
-  | spawned children       | 10  | 0.046              | 0.012              | 0.53 | 23.3     | 60.2        | 1.51             | 0.204  | -0.093 | 0.044  | 0.044            |
-  | spawned children       | 50  | 0.050              | 0.007              | 0.40 | 22.3     | 64.7        | 1.08             | 0.121  | -0.053 | 0.039  | 0.044            |
-  | spawned children       | 200 | 0.000              | 0.001              | -    | 20.0     | 69.1        | 0.91             | -0.020 | -0.067 | -0.039 | -0.039           |
+  | spawned children       | 0   | 0.173              | 0.057              | 0.50 | 25.9     | 63.7        | 2.42             | 0.531  | -0.052 | 0.178  | 0.173            |
+  | spawned children       | 10  | 0.095              | 0.012              | 0.48 | 23.0     | 59.9        | 1.51             | 0.279  | -0.059 | 0.095  | 0.095            |
+  | spawned children       | 50  | 0.058              | 0.015              | 0.50 | 21.1     | 63.4        | 1.08             | 0.205  | -0.071 | 0.060  | 0.058            |
+  | spawned children       | 200 | 0.000              | 0.000              | -    | 16.4     | 64.0        | 0.91             | -0.040 | -0.079 | -0.060 | -0.060           |
   | independent inits      | -   | 1.017              | 0.214              | 0.55 | 32.4     | -           | -                | 1.843  | -0.003 | 1.001  | 1.000            |
-  | children of step 600   | 600 | 0.000              | 0.000              | -    | 12.0     | 75.8        | 0.79             | -0.071 | -0.091 | -0.084 | -0.084           |
+  | children of step 600   | 600 | 0.000              | 0.002              | -    | 8.7      | 71.8        | 0.79             | -0.090 | -0.088 | -0.087 | -0.087           |
 
   Final eval error of the children ~0.28 (a hard 10-class teacher for a width-32 student after 600 steps).
-  The barrier falls with the spawn step and is gone by k = 200 (a third of training); the positive control is
-  6x the k = 0 barrier, the negative control is 0. B_q (8 Gauss nodes per half) equals the measured chord gap at
-  1/2 within 1.3 % (median relative error); B_H has the right sign and ranking (Spearman 0.97 with the measured
-  barrier, 0.99 with the mid gap) and overestimates it ~3x (median B_H / barrier 3.0); B_g is ~0 or negative
-  (near-stationary endpoints), as the note warns. The displacement angle does not shrink with k here (60-69 deg,
-  76 deg for the final-step children): the children's displacements are near-orthogonal whatever k.
-  Layer-wise (other layers at child A): every single-layer path is convex along the path (chord gap at 1/2 < 0,
-  largest layer barrier 4e-4 where the whole network has 0.17), so layer-wise LMC holds even when the network
-  is not connected; layer B_q matches the layer chord gap at 1/2 (Spearman 0.9997, median relative error 3e-4),
-  B_H only in rank (0.70). ReLU students gave a B_q off by ~2x (the kinks' curvature is invisible to AD), hence
-  GELU. With width 128 and lr 2e-3 / 1e-2 (first pilots) children were linearly connected already from k = 0
-  (barrier 0.000 at k = 0; independent control 0.59), the "too stable from initialisation" pitfall.
+  The barrier falls monotonically with the spawn step (0.173, 0.095, 0.058) and is gone by k = 200 (a third of
+  training); the positive control is 6x the k = 0 barrier, the negative control is 0. The two parents differ a
+  lot (k = 0: 0.047 and 0.299; k = 50: 0.096 and 0.020), so with 2 children per k only the trend is firm.
+  Against the first protocol (children restarting Adam from fresh moments, measured 2026-12-02: 0.173, 0.046,
+  0.050, 0.000) copying the moments changes k = 10 the most (0.046 -> 0.095): a fresh Adam's first steps at lr
+  0.03 were themselves a perturbation. k = 0 is the same in both (nothing to copy). B_q equals the measured chord
+  gap at 1/2 within 0.5 % (median relative error); B_H has the right sign and ranking (Spearman 0.98 with the
+  measured barrier, 1.0 with the mid gap) and overestimates it ~3x (median B_H / barrier 3.1); B_g is ~0 or
+  negative (near-stationary endpoints), as the note warns. The displacement angle does not shrink with k here
+  (60-64 deg, 72 deg for the final-step children): the children's displacements are near-orthogonal whatever k.
+  Layer-wise (other layers at child A): nearly every single-layer path is convex (largest layer barrier 0.016,
+  first layer at k = 10, where the whole network has 0.095), so layer-wise LMC holds even when the network is not
+  connected; layer B_q matches the layer chord gap at 1/2 (Spearman 0.9997, median relative error 7e-5), B_H only
+  in rank (0.64). ReLU students gave a B_q off by ~2x (the kinks' curvature is invisible to AD), hence GELU. With
+  width 128 and lr 2e-3 / 1e-2 (first pilots) children were linearly connected already from k = 0 (barrier 0.000
+  at k = 0; independent control 0.59), the "too stable from initialisation" pitfall.
 
 Byte-LM part: ``python -m experiments.lmc --workdir=/work/runs/lmc_lm --parts=lm`` (lm_tiny structure at d_model
 64, 2 blocks, rows of 64 bytes, batch 16, AdamW 3e-3 constant after 20 warmup steps; parent 0 trained 200 steps
