@@ -182,12 +182,14 @@ def is_operational(key: str) -> bool:
 def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> tuple[dict, dict]:
     """(operational, altering) differences between two config JSONs: ``{key: [saved, current]}``.
 
-    A key the saved config lacks takes its value from ``defaults`` (a setting added to sqattn after the run
-    was saved); otherwise a key present on one side only counts as a change (``None`` for the missing side).
+    A key either side lacks takes its value from ``defaults`` (a setting added to sqattn after the run was
+    saved, or after the config that the current one was built from, e.g. another run's config.json, was
+    written); otherwise a key present on one side only counts as a change (``None`` for the missing side).
     """
     a, b = flatten(saved), flatten(current)
     for key, val in flatten(defaults or {}).items():
         a.setdefault(key, val)
+        b.setdefault(key, val)
     operational, altering = {}, {}
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key), b.get(key)

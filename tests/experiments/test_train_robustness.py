@@ -131,6 +131,19 @@ def test_refused_resume_leaves_config_json_untouched(tmp_path):
     assert open(os.path.join(wd, "metrics.jsonl")).read() == metrics_before
 
 
+def test_settings_added_later_are_not_changes_on_either_side():
+    """A key one side lacks (a config saved, or built from a config.json written, before sqattn added the
+    setting) is compared at its default; a real change still counts."""
+    defaults = {"init": {"state": "params", "step": -1}}
+    saved = {"init": {"step": -1}, "num_steps": 4}
+    assert workdir_lib.config_changes(saved, {"init": {"step": -1, "state": "params"}, "num_steps": 4},
+                                      defaults) == ({}, {})
+    assert workdir_lib.config_changes({"init": {"step": -1, "state": "params"}, "num_steps": 4}, saved,
+                                      defaults) == ({}, {})
+    assert workdir_lib.config_changes(saved, {"init": {"step": -1, "state": "full"}, "num_steps": 4},
+                                      defaults)[1] == {"init.state": ["params", "full"]}
+
+
 def test_accepted_config_changes_are_recorded(tmp_path):
     wd = str(tmp_path)
     train_and_evaluate(_cfg(num_steps=2, checkpoint_every=2), wd, progress=False)
