@@ -11,6 +11,10 @@ run of the one trainer, in ``<workdir>/runs/<seed>/<arm>``:
   with a fresh AdamW, a new warmup (5% of its steps) and cosine decay, continuing the base's data stream.
 * ``zero_g{g}_d{f}`` (G_zero: repeats with zeroed residual outputs) and ``random_g{g}_d{f}`` (G_random: fresh
   layers faded in over 10% of the remaining steps), at ``--op_g`` / ``--op_fraction``.
+* ``learn_g{g}_d{f}`` (G_learn, ``sqattn.growth.learn``): from the same base checkpoint, a ``--learn_steps`` run
+  (``<arm>_maps``) that trains only the LiGO depth maps (started as G_stack's stacked identities; base frozen),
+  then the fold into a plain LM trained on the rest of F like the G_stack arm (fresh AdamW, 5% warmup, the data
+  stream continued after the phase's batches). The phase's FLOPs (the target's rate) count against F.
 
 Every run evaluates bits/byte on the eval split every ``--steps``/8 target-steps' worth of FLOPs; the curves
 are plotted against cumulative FLOPs (base included). Speedup of an arm (per seed, against that seed's
@@ -73,7 +77,8 @@ def define_flags() -> None:
     flags.DEFINE_list("g2_fractions", ["0.2"], "fractions for growth factors other than the first")
     flags.DEFINE_integer("op_g", 4, "g of the G_zero / G_random arms")
     flags.DEFINE_float("op_fraction", 0.2, "d of the G_zero / G_random arms")
-    flags.DEFINE_list("ops", ["zero", "random"], "other operators to run")
+    flags.DEFINE_list("ops", ["zero", "random", "learn"], "other operators to run")
+    flags.DEFINE_integer("learn_steps", 15, "G_learn: steps of the map-learning phase before the fold")
     flags.DEFINE_string("base", "lm", "target family: lm (attention) or sse_h (sse_h_tiny: 'SSSA')")
     flags.DEFINE_string("order", "stack", "stacking order (stack | interleave | by_kind)")
     flags.DEFINE_integer("base_layers", 0, "base depth for --base=sse_h (0 = layers / g)")
@@ -203,24 +208,36 @@ def main(argv):
             base_flops = {r["step"]: r["train_flops"] for r in base_recs if "train_flops" in r}
             for _, f, op in [a for a in spec if a[0] == g]:
                 s_b = bsteps[f]
-                steps = max(1, round((budget - base_flops[s_b]) / per_t))
-                cfg = gc.grown_config(target, base_wd, op=op, order="by_kind" if pattern else FLAGS.order,
-                                      g=0 if pattern else g, source_step=s_b, num_steps=steps,
-                                      warmup_steps=max(1, steps // 20),
+                name = ("" if op == "direct" else f"{op}_") + f"g{g}_d{f:g}"
+                src_wd, src_flops, learn_pts = base_wd, base_flops[s_b], []
+                if op == "learn":     # G_learn: the maps' phase, then the fold continues like G_stack
+                    lcfg = gc.grown_config(target, base_wd, op="learn", g=0 if pattern else g, source_step=s_b,
+                                           learn_steps=FLAGS.learn_steps)
+                    lcfg.eval_every, lcfg.checkpoint_every = target.eval_every, lcfg.num_steps
+                    src_wd = os.path.join(root, name + "_maps")
+                    lrecs = run(lcfg, src_wd)
+                    if lrecs is None:
+                        continue
+                    src_flops, learn_pts = flops_of(lrecs)[lcfg.num_steps], curve(lrecs)
+                steps = max(1, round((budget - src_flops) / per_t))
+                cfg = gc.grown_config(target, src_wd, op="fold" if op == "learn" else op,
+                                      order="by_kind" if pattern else FLAGS.order,
+                                      g=0 if pattern else g, source_step=-1 if op == "learn" else s_b,
+                                      num_steps=steps, warmup_steps=max(1, steps // 20),
                                       fade_steps=max(1, steps // 10) if op == "random" else 0)
                 cfg.eval_every = target.eval_every
                 cfg.checkpoint_every = steps
-                name = ("" if op == "direct" else f"{op}_") + f"g{g}_d{f:g}"
                 recs = run(cfg, os.path.join(root, name))
                 if recs is None:
                     continue
-                arms.setdefault(name, {})[seed] = {"curve": curve(recs, base_recs, s_b),
+                arms.setdefault(name, {})[seed] = {"curve": sorted(curve(recs, base_recs, s_b) + learn_pts),
                                                    "base_flops": base_flops[s_b]}
         print(f"seed {seed} done at {time.time() - t0:.0f}s", flush=True)
     table = speedups(arms)
     results = {"settings": {k: FLAGS[k].value for k in ("steps", "layers", "d_model", "seq_len", "batch_size",
                                                          "seeds", "gs", "fractions", "g2_fractions", "op_g",
-                                                         "op_fraction", "ops", "base", "order")},
+                                                         "op_fraction", "ops", "learn_steps", "base",
+                                                         "order")},
                "wall_s": time.time() - t0, "arms": {k: {str(s): v for s, v in d.items()} for k, d in arms.items()},
                "table": table}
     os.makedirs(FLAGS.workdir, exist_ok=True)

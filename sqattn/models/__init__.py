@@ -16,6 +16,7 @@ MODELS = {
     "vit": "sqattn.models.vit:ViT",
     "vit_sema": "sqattn.models.sema:SEMAViT",
     "fade_lm": "sqattn.growth.fade:FadeLM",
+    "ligo_lm": "sqattn.growth.learn:LiGOLM",
     "template_mlp": "sqattn.growth.mixture:TemplateMLP",
     "mlp": "sqattn.models.mlp:MLP",
     "rank_mlp": "sqattn.peft.rank_task:RankMLP",
