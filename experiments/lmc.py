@@ -60,31 +60,32 @@ control: parent 0 vs parent 1, different init and data order):
   width 128 and lr 2e-3 / 1e-2 (first pilots) children were linearly connected already from k = 0 (barrier 0.000
   at k = 0; independent control 0.59), the "too stable from initialisation" pitfall.
 
-Byte-LM part: ``python -m experiments.lmc --workdir=/work/runs/lmc_lm --parts=lm`` (lm_tiny structure at d_model
-64, 2 blocks, rows of 64 bytes, batch 16, AdamW 3e-3 constant after 20 warmup steps; parent 0 trained 200 steps
-with children at k in {0, 25, 100} and 2 children of step 200 trained 20 more; parent 1 only for the
-independent-init control); the 12 trainer runs took ~20 min at load 20-25. Barriers on 2 train batches of
-16 x 64 bytes for the loss, 2 eval batches for the next-byte error, 21 points; layer groups = embedding, each
-block's norm1 / mixer / norm2 / mlp, final norm, other groups at child A).
-Children end at 1.76-1.84 nats/byte of train loss:
+Byte-LM part: ``python -m experiments.lmc --workdir=/work/runs/lmc_full_lm --parts=lm`` (lm_tiny structure at
+d_model 64, 2 blocks, rows of 64 bytes, batch 16, AdamW 3e-3 constant after 20 warmup steps; parent 0 trained 200
+steps with children at k in {0, 25, 100} and 2 children of step 200 trained 20 more; parent 1 only for the
+independent-init control). Children copy the parent's train state, as in the teacher part. Re-measured
+2026-12-03 (parents reused; load average 5-7, the test suite beside it): 8 child runs in 198 s, measuring 201 s.
+Barriers on 2 train batches of 16 x 64 bytes for the loss, 2 eval batches for the next-byte error, 21 points;
+layer groups = embedding, each block's norm1 / mixer / norm2 / mlp, final norm, other groups at child A).
+Children end at ~1.8 nats/byte of train loss:
 
   | pairs              | k   | train-loss barrier | eval-error barrier | a*   | distance | angle (deg) | largest layer barrier      |
   |--------------------|-----|--------------------|--------------------|------|----------|-------------|----------------------------|
-  | spawned children   | 0   | 0.0080             | 0.0077             | 0.45 | 12.9     | 34.4        | 0                          |
-  | spawned children   | 25  | 0.0000             | 0.0010             | -    | 11.5     | 31.9        | 0                          |
-  | spawned children   | 100 | 0.0000             | 0.0000             | -    | 7.6      | 30.8        | 0                          |
-  | children of 200    | 200 | 0.0000             | 0.0011             | -    | 2.3      | 45.3        | 0                          |
+  | spawned children   | 0   | 0.0088             | 0.0076             | 0.45 | 12.9     | 34.4        | 0                          |
+  | spawned children   | 25  | 0.0000             | 0.0058             | -    | 11.0     | 34.4        | 0                          |
+  | spawned children   | 100 | 0.0000             | 0.0000             | -    | 7.1      | 38.2        | 0                          |
+  | children of 200    | 200 | 0.0000             | 0.0012             | -    | 2.7      | 48.8        | 0                          |
   | independent inits  | -   | 1.666              | 0.302              | 0.50 | 57.8     | -           | 0.034 (blocks/1/mixer)     |
 
-  Predictors (whole path): B_q equals the measured chord gap at 1/2 on every pair (0.0077 at k = 0, 1.663 vs
-  1.666 for the independent pair; median relative error < 1e-3); B_H has the right sign and order (Spearman 0.89
-  with the barrier, 1.0 with the mid gap) but overestimates 7x (0.058 at k = 0, 11.4 for the independent pair);
-  B_g is ~0 or negative. The byte LM is linearly connected from a common initialisation up to a barrier of 0.4 %
-  of the loss at k = 0, and exactly from k = 25 on (an eighth of training), while two initialisations are 1.67
-  nats/byte apart. Layer-wise, even the independent pair is nearly connected one group at a time (largest 0.034,
-  second-block mixer; 0.015 its MLP; every norm and the embedding 0). The command's measuring step took ~15 min
-  on the loaded cores (the second derivative through the LM compiles for minutes per shape; layer predictors are
-  off for the LM for that reason).
+  Predictors (whole path): B_q equals the measured chord gap at 1/2 on every pair (median relative error 1e-5;
+  1.663 vs 1.666 for the independent pair); B_H has the right sign and order (Spearman 0.89 with the barrier,
+  1.0 with the mid gap) but overestimates 7x (0.059 at k = 0, 11.4 for the independent pair); B_g is ~0 or
+  negative. The byte LM is linearly connected from a common initialisation up to a barrier of 0.5 % of the loss
+  at k = 0, and exactly from k = 25 on (an eighth of training), while two initialisations are 1.67 nats/byte
+  apart. Copying the parent's Adam moments (against the first protocol's restarted optimizer: 0.0080, 0, 0, 0)
+  changes nothing that matters here. Layer-wise, even the independent pair is nearly connected one group at a
+  time (largest 0.034, second-block mixer; 0.015 its MLP; every norm and the embedding 0). Layer predictors are
+  off for the LM (the second derivative through the LM compiles for minutes per shape).
 """
 
 from __future__ import annotations
