@@ -4,13 +4,16 @@ papers/mixturegrowth.md).
 * ``depth``: G_direct (``order="stack"`` = G_stack, ``"interleave"``, ``"by_kind"``), G_zero, G_random.
 * ``width``: Net2Net split (G_direct) and zero padding (G_zero) of ``d_model`` / ``mlp_dim``.
 * ``fade``: the G_random mask ramp (``FadeLM``, ``FadeLMTask`` and its host hook).
+* ``learn``: G_learn (LiGO depth maps): ``LiGOLM`` (frozen base + trainable ``[L_t, L_s]`` maps per kind and
+  parameter path, started as G_stack) and its two ``init.transform``s, ``start`` and ``fold``.
 * ``paths``: the one convention about the LM's tree (``blocks/i``, residual outputs, stream norms).
 
 Through the trainer, a grown run is an ordinary run whose config has
 ``init.workdir = <base run>``, ``init.transform = "sqattn.growth:grow"`` and ``init.args.op`` (``direct``,
 ``zero``, ``random`` for depth; ``net2net``, ``zero`` for width), ``init.args.order``;
 ``sqattn.configs.growth.grown_config`` builds one. The trainer loads the base run, calls ``grow`` and starts a
-fresh optimizer; ``data_offset`` continues the base's data stream.
+fresh optimizer; ``data_offset`` continues the base's data stream. G_learn is two such runs (``init.args.op``
+``learn``: the map-learning phase, ``fold``: the folded LM trained on); see ``sqattn.configs.growth``.
 """
 
 from __future__ import annotations
