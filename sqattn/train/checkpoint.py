@@ -122,13 +122,33 @@ def _checksums_of(tree):
     return jax.tree.map(one, tree)
 
 
+def _host_checksum(x) -> list[int]:
+    """``_checksums_of`` for one array, in numpy on the host (the same words, the same uint32 arithmetic)."""
+    x = np.asarray(x)
+    if x.dtype == np.bool_:
+        x = x.astype(np.uint8)
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
+    w = np.ascontiguousarray(x).view(unsigned).reshape(-1).astype(np.uint32)   # 8-byte: low word first
+    pos = np.arange(w.shape[0], dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    return [int(np.sum(w, dtype=np.uint32)), int(np.sum(w * pos, dtype=np.uint32))]
+
+
+HOST_CHECKSUM_BYTES = 256 << 20
+
+
 def checksums(tree) -> dict[str, list[int]]:
     """``{path: [sum of words, position-weighted sum]}`` of every array leaf (mod 2**32).
 
-    Any single flipped bit changes the first sum; reordered elements change the second.
+    Any single flipped bit changes the first sum; reordered elements change the second. A state of at most
+    ``HOST_CHECKSUM_BYTES`` whose arrays this process holds whole is summed in numpy on the host (no compile:
+    the jitted version costs 1-4 s of compile per new state structure, more than small states take to sum);
+    larger or multi-host states on the devices. Both give the same numbers.
     """
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     arrays = {jax.tree_util.keystr(p): x for p, x in leaves if hasattr(x, "dtype")}
+    small = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in arrays.values()) <= HOST_CHECKSUM_BYTES
+    if small and all(getattr(x, "is_fully_addressable", True) for x in arrays.values()):
+        return {k: _host_checksum(x) for k, x in arrays.items()}
     sums = jax.device_get(_checksums_of(arrays))
     return {k: [int(v[0]), int(v[1])] for k, v in sums.items()}
 
