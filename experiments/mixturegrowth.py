@@ -22,31 +22,31 @@ after growth, before any step (for ``grown_zero`` that is exactly the two member
 Writes ``results.json`` and ``mixturegrowth.png`` and prints the table and one JSON line. ``--tabulate_only``
 tabulates the seeds whose runs all finished.
 
-Measured (3 seeds, not the note's 5: the machine was 2 cores at load average 23-31 shared by other agents;
-shorter stages than the note's 30/30/10 epochs: ``--seeds=0,1,2 --steps_a=300 --steps_b=300 --steps_c=100``
-= ~2 + 2 + 0.6 epochs of 20k examples; 38 min wall under ``nice -n 10``; eval on 5,000 examples, so one std
-error of an accuracy is ~0.0065):
+Measured (the note's 5 seeds, shorter stages than its 30/30/10 epochs: ``--seeds=0,1,2,3,4 --steps_a=300
+--steps_b=300 --steps_c=100`` = ~2 + 2 + 0.6 epochs of 20k examples; seeds 0-2 on 2026-12-02 (38 min wall under
+``nice -n 10`` at load average 23-31), seeds 3-4 on 2026-12-03 (1 min wall at load average 4, compiles cached);
+eval on 5,000 examples, so one std error of an accuracy is ~0.0065):
 
   | arm              | eval accuracy (mean ± std, n) | before growth | right after growth | training FLOPs |
   |------------------|-------------------------------|---------------|--------------------|----------------|
-  | member0          | 0.6802 ± 0.0043 (3)           | -             | -                  | 5.31e+09       |
-  | member1          | 0.6829 ± 0.0058 (3)           | -             | -                  | 1.06e+10       |
-  | grown_orthogonal | 0.6656 ± 0.0027 (3)           | 0.6829        | 0.6082             | 1.67e+10       |
-  | grown_zero       | 0.7102 ± 0.0034 (3)           | 0.6829        | 0.7089             | 1.67e+10       |
-  | grown_copy       | 0.6362 ± 0.0035 (3)           | 0.6829        | 0.5756             | 1.67e+10       |
-  | grown_random     | 0.6735 ± 0.0190 (3)           | 0.6829        | 0.6391             | 1.67e+10       |
-  | random_growth    | 0.7010 ± 0.0072 (3)           | 0.6829        | 0.6786             | 1.67e+10       |
-  | net2net          | 0.6818 ± 0.0022 (3)           | 0.6802        | 0.6802             | 1.14e+10       |
-  | small            | 0.6991 ± 0.0039 (3)           | -             | -                  | 1.06e+10       |
-  | scratch          | 0.7198 ± 0.0033 (3)           | -             | -                  | 4.24e+10       |
-  | scratch_matched  | 0.7122 ± 0.0048 (3)           | -             | -                  | 1.67e+10       |
+  | member0          | 0.6839 ± 0.0059 (5)           | -             | -                  | 5.31e+09       |
+  | member1          | 0.6842 ± 0.0052 (5)           | -             | -                  | 1.06e+10       |
+  | grown_orthogonal | 0.6684 ± 0.0045 (5)           | 0.6842        | 0.6134             | 1.67e+10       |
+  | grown_zero       | 0.7120 ± 0.0035 (5)           | 0.6842        | 0.7099             | 1.67e+10       |
+  | grown_copy       | 0.6392 ± 0.0058 (5)           | 0.6842        | 0.5862             | 1.67e+10       |
+  | grown_random     | 0.6717 ± 0.0205 (5)           | 0.6842        | 0.6339             | 1.67e+10       |
+  | random_growth    | 0.7022 ± 0.0058 (5)           | 0.6842        | 0.6837             | 1.67e+10       |
+  | net2net          | 0.6855 ± 0.0051 (5)           | 0.6839        | 0.6839             | 1.14e+10       |
+  | small            | 0.7008 ± 0.0037 (5)           | -             | -                  | 1.06e+10       |
+  | scratch          | 0.7200 ± 0.0029 (5)           | -             | -                  | 4.24e+10       |
+  | scratch_matched  | 0.7122 ± 0.0040 (5)           | -             | -                  | 1.67e+10       |
 
 (FLOPs of the grown arms include both members.) What held from the note: zero-coefficient growth starts at the
-members' logit-sum ensemble (0.709 right after growth, above either member) and is the best growth arm; Net2Net
-keeps the function exactly (0.6802 before and after). What did not: at this scale and schedule, orthogonal,
-copy and random coefficient inits all *lose* accuracy at growth (0.61 / 0.58 / 0.64, below the members) and
+members' logit-sum ensemble (0.710 right after growth, above either member) and is the best growth arm; Net2Net
+keeps the function exactly (0.6839 before and after). What did not: at this scale and schedule, orthogonal,
+copy and random coefficient inits all *lose* accuracy at growth (0.61 / 0.59 / 0.63, below the members) and
 stay below the members after 100 steps at lr 3e-4; template recombination is not better than random-weight
-growth of a plain MLP (0.701); no growth arm beats full-width scratch at the same FLOPs (0.712), and zero-init
+growth of a plain MLP (0.702); no growth arm beats full-width scratch at the same FLOPs (0.712), and zero-init
 growth only matches it within noise. Without normalisation layers the recombined cross blocks double each hidden
 unit's fan-in at growth (the note's pitfall), which is the likely cause of the drop; a longer stage C or a
 lower post-growth LR were not tried.
