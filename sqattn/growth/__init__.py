@@ -79,12 +79,16 @@ def grow(src_model: nnx.Module, src_config, config) -> nnx.Module:
     if g and lt != g * ls:
         raise ValueError(f"growth: init.args.g={g} but the base run has {ls} layers and this config "
                          f"{lt} (expected {g * ls})")
-    src_fields = {k: v for k, v in _model_fields(src_config.model).items() if k not in ("num_layers",)}
-    tgt_fields = {k: v for k, v in _model_fields(config.model).items() if k not in ("num_layers",)}
+    order = str(args.get("order", "stack"))
+    # order="by_kind" maps every target layer to a base layer of its own kind (checked layer by layer), so the
+    # block pattern may differ: a base "SA" grows into "SSSA".
+    free = ("num_layers", "block_pattern") if order == "by_kind" else ("num_layers",)
+    src_fields = {k: v for k, v in _model_fields(src_config.model).items() if k not in free}
+    tgt_fields = {k: v for k, v in _model_fields(config.model).items() if k not in free}
     if lt != ls and src_fields != tgt_fields:
         diff = sorted(k for k in set(src_fields) | set(tgt_fields) if src_fields.get(k) != tgt_fields.get(k))
         raise ValueError(f"growth: depth growth changes only model.num_layers, but these differ too: {diff} "
                          f"(grow width and depth in two runs)")
     tgt_model = state_lib.build_base_model(config)
-    return grow_model(src_model, tgt_model, op=op, order=str(args.get("order", "stack")),
+    return grow_model(src_model, tgt_model, op=op, order=order,
                       seed=int(args.get("seed", config.seed)))

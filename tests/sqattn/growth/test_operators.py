@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -197,3 +198,12 @@ def test_by_kind_grows_a_half_depth_hybrid_into_sse_h():
         np.testing.assert_array_equal(t["blocks"][i]["mixer"]["o"]["kernel"], s["blocks"][j]["mixer"]["o"]["kernel"])
     with pytest.raises(ValueError, match="parameter trees differ"):
         growth.grow_model(src, _model(cfg, num_layers=4)[0], op="direct", order="stack")
+    # The trainer's init.transform: a pattern change is accepted with order="by_kind" only.
+    src_cfg = _model(cfg, num_layers=2, block_pattern="SA")[1]
+    grown_cfg = cfg.copy_and_resolve_references()
+    grown_cfg.init.args = ml_collections.ConfigDict(dict(op="direct", order="by_kind", g=2))
+    again = paths.pure_params(growth.grow(src, src_cfg, grown_cfg))
+    np.testing.assert_array_equal(again["blocks"][3]["mixer"]["o"]["kernel"], s["blocks"][1]["mixer"]["o"]["kernel"])
+    grown_cfg.init.args.order = "stack"
+    with pytest.raises(ValueError, match="differ too: \\['block_pattern'\\]"):
+        growth.grow(src, src_cfg, grown_cfg)
