@@ -40,6 +40,25 @@ cores at load average 23-31 shared with other agents, almost all of it per-run s
   | zero_g4_d0.2   | 2.8545 ± 0.0545        | 3/3                   | +49.4% [+21.8%, +88.3%]  | +118.5%    |
   | random_g4_d0.2 | 2.8795 ± 0.0367        | 3/3                   | +44.1% [+20.3%, +80.5%]  | +107.0%    |
   | g2_d0.2        | 2.9635 ± 0.0107        | 3/3                   | +5.8% [+5.2%, +6.2%]     | +34.4%     |
+  | learn_g4_d0.2  | 2.9722 ± 0.0569        | 1/3                   | +31.5% [+31.5%, +31.5%]  | +78.8%     |
+  | learn5_g4_d0.2 | 2.9347 ± 0.0499        | 2/3                   | +25.4% [+10.9%, +39.9%]  | +68.7%     |
+  | learn_g2_d0.2  | 3.0386 ± 0.0195        | 0/3                   | not reached              | -          |
+
+The ``learn`` rows were added later, reusing the other arms' finished runs (copies of the table's workdir; only
+the G_learn runs trained, under ``echo 15 > /proc/$$/autogroup``): ``--seeds=0,1,2`` with the default ``--ops``
+(15 map steps; its 6 runs 407 s wall at load average 2.6-7), ``--ops=learn --learn_steps=5`` (row ``learn5``:
+778 s at load 2.6-6) and ``--ops=learn --op_g=2`` (721 s at load 5-6). G_learn with 15 map steps ends behind
+G_stack from the same base checkpoint on every seed (g = 4: 2.892 / 3.018 / 3.006 vs 2.873 / 2.970 / 2.977;
+g = 2: 3.024 / 3.066 / 3.026 vs 2.948 / 2.971 / 2.971 bits/byte); with 5 map steps it is level with G_stack
+(2.865 / 2.977 / 2.962: within the seed spread; 2 of 3 seeds reach scratch's final loss, where G_stack's third
+seed reaches it by +0.3%). At this scale the phase buys little: with the LM's optimizer (peak 3e-3, cosine over
+the phase) Adam moves each map entry by at most about the summed learning rate, ~0.025 in 15 steps, so the folded
+model is G_stack with per-layer, per-tensor rescalings of a few percent (and, at g = 2, cross-layer weights of
+~0.02), bought with target-sized FLOPs (15 steps = 9% of F) that full training of the stacked model uses better.
+At the end of the 15-step phase eval bits/byte is 3.76-4.01 (g = 4), above the base's 3.25-3.39 (the stacking
+spike, which the maps reduce only slowly: train loss 2.64 -> 2.32 nats over steps 5-15). The base has one layer
+at g = 4, so its maps are [4, 1] per tensor (scalings only). Untested here: a larger learning rate for the maps
+(LiGO trains its operator with its own), longer budgets where the phase is a small share of F.
 
 As the note expects: stacking a trained base
 beats scratch at equal FLOPs (base FLOPs counted) when the base has trained long enough (d = 0.2, 0.4 of F),
