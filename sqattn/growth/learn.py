@@ -29,6 +29,7 @@ gradient), is not counted: ``2 L_s / (3 x tokens per step)`` of a step, 0.07% at
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -48,6 +49,12 @@ FOLD = "sqattn.growth.learn:fold"
 
 def _abstract_lm(kwargs: dict) -> LM:
     return nnx.eval_shape(lambda: LM(**kwargs, rngs=nnx.Rngs(params=0)))
+
+
+@functools.lru_cache(maxsize=8)
+def _target_view(key: "_Frozen") -> LM:
+    """The abstract target LM for FLOP counting only (shared: never written to)."""
+    return _abstract_lm(key.value)
 
 
 def kind_groups(src_sigs: list, tgt_sigs: list) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -159,7 +166,7 @@ class LiGOLM(nnx.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: the target LM's (its forward and full backward run every step)."""
         from sqattn.train import state as state_lib
-        lm = _abstract_lm(self.target_kwargs.value)
+        lm = _target_view(self.target_kwargs)
         return state_lib.flops_per_token(lm, nnx.state(lm, nnx.Param), seq_len)
 
     @property
@@ -167,8 +174,7 @@ class LiGOLM(nnx.Module):
         """For ``sqattn.train.state.flops_per_token``, which adds ``3 x blk.mixer.extra_flops_per_token`` over
         ``model.blocks`` to 6 x the model's own active matmul parameters: the target's blocks plus one entry that
         brings the total to ``self.flops_per_token``. (Not a module attribute: no parameters, not traversed.)"""
-        lm = _abstract_lm(self.target_kwargs.value)
-        return list(lm.blocks) + [_Adjust(self)]
+        return list(_target_view(self.target_kwargs).blocks) + [_Adjust(self)]
 
 
 class _Frozen:
@@ -196,7 +202,7 @@ class _Adjust:
     def extra_flops_per_token(self, seq_len: int) -> float:
         from sqattn.train import state as state_lib
         m = self._model
-        lm = _abstract_lm(m.target_kwargs.value)
+        lm = _target_view(m.target_kwargs)
         counted = 6.0 * state_lib.active_param_count(m, nnx.state(m, nnx.Param))
         target_extra = sum(3.0 * b.mixer.extra_flops_per_token(seq_len) for b in lm.blocks
                            if hasattr(b.mixer, "extra_flops_per_token"))

@@ -98,9 +98,9 @@ def test_flops_are_the_target_lms():
     target = _cfg("sse_h_tiny", 4)
     src_cfg = _cfg("sse_h_tiny", 2, "SA")
     lcfg = _ligo_config(target, src_cfg)
+    gd, ap = state_lib.abstract_model(lcfg)
+    tgd, tap = state_lib.abstract_model(target)
     for seq in (64, 256):
-        gd, ap = state_lib.abstract_model(lcfg)
-        tgd, tap = state_lib.abstract_model(target)
         want = state_lib.flops_per_token(nnx.merge(tgd, tap), tap, seq)
         assert state_lib.flops_per_token(nnx.merge(gd, ap), ap, seq) == pytest.approx(want, rel=1e-12)
     # the LiGO model holds the base (2 layers) and the maps, not the target's 4 layers
