@@ -20,10 +20,9 @@ model. A short phase trains only the maps, then ``fold`` writes the mixed weight
 
 ``sqattn.configs.growth.grown_config(op="learn")`` and ``(op="fold")`` make the two runs. FLOPs: a step trains
 the target LM's forward and backward (the weight gradients feed the maps), so it costs the target's
-``flops_per_token``; ``LiGOLM.flops_per_token`` is that, and the ``blocks`` property lets the trainer's
-estimate (``sqattn.train.state.flops_per_token``, which counts the model's own matmul parameters) arrive at the
-same number. The map contraction, once per step (``4 L_t L_s`` x a layer's parameters, forward and the maps'
-gradient), is not counted: ``2 L_s / (3 x tokens per step)`` of a step, 0.07% at L_s = 1 and 1024 tokens.
+``flops_per_token``; ``LiGOLM.flops_per_token`` is that, and the trainer's estimate
+(``sqattn.train.state.flops_per_token``) uses a model's own ``flops_per_token`` when it has one. The map
+contraction, once per step (``4 L_t L_s`` x a layer's parameters, forward and the maps' gradient), is not counted: ``2 L_s / (3 x tokens per step)`` of a step, 0.07% at L_s = 1 and 1024 tokens.
 """
 
 from __future__ import annotations
@@ -171,10 +170,9 @@ class LiGOLM(nnx.Module):
 
     @property
     def blocks(self) -> list:
-        """For ``sqattn.train.state.flops_per_token``, which adds ``3 x blk.mixer.extra_flops_per_token`` over
-        ``model.blocks`` to 6 x the model's own active matmul parameters: the target's blocks plus one entry that
-        brings the total to ``self.flops_per_token``. (Not a module attribute: no parameters, not traversed.)"""
-        return list(_target_view(self.target_kwargs).blocks) + [_Adjust(self)]
+        """The target LM's blocks (what the forward runs; for per-block estimates such as the dry run's).
+        (Not a module attribute: no parameters, not traversed.)"""
+        return list(_target_view(self.target_kwargs).blocks)
 
 
 class _Frozen:
@@ -190,23 +188,6 @@ class _Frozen:
 
     def __eq__(self, other):
         return isinstance(other, _Frozen) and other._key == self._key
-
-
-class _Adjust:
-    """A pseudo block whose "mixer" reports the FLOPs the trainer's parameter count misses (see ``blocks``)."""
-
-    def __init__(self, model: LiGOLM):
-        self.mixer = self
-        self._model = model
-
-    def extra_flops_per_token(self, seq_len: int) -> float:
-        from sqattn.train import state as state_lib
-        m = self._model
-        lm = _target_view(m.target_kwargs)
-        counted = 6.0 * state_lib.active_param_count(m, nnx.state(m, nnx.Param))
-        target_extra = sum(3.0 * b.mixer.extra_flops_per_token(seq_len) for b in lm.blocks
-                           if hasattr(b.mixer, "extra_flops_per_token"))
-        return (m.flops_per_token(seq_len) - counted - target_extra) / 3.0
 
 
 def _to_nnx(tree: dict):

@@ -263,7 +263,13 @@ def active_param_count(model, abstract_params) -> int:
 
 
 def flops_per_token(model, abstract_params, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * active matmul params + 3 * each mixer's parameter-free forward FLOPs."""
+    """Training FLOPs per token: 6 * active matmul params + 3 * each mixer's parameter-free forward FLOPs.
+
+    A model that computes something other than its own parameters' matmuls (e.g. ``sqattn.growth.learn.LiGOLM``,
+    which runs a bigger LM built from its parameters) defines ``flops_per_token(seq_len)``, used instead."""
+    own = getattr(type(model), "flops_per_token", None)
+    if callable(own):
+        return float(model.flops_per_token(seq_len))
     extra = 0.0
     for blk in getattr(model, "blocks", []):
         fn = getattr(blk.mixer, "extra_flops_per_token", None)
