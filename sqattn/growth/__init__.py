@@ -26,9 +26,15 @@ from sqattn.growth import depth, paths, width
 TRANSFORM = "sqattn.growth:grow"
 
 
-def _model_fields(model_cfg) -> dict:
+def model_fields(model_cfg, drop=()) -> dict:
+    """``config.model`` as a plain dict, without the fields in ``drop``."""
     d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    return d
+    return {k: v for k, v in d.items() if k not in drop}
+
+
+def field_diff(a: dict, b: dict) -> list[str]:
+    """The fields whose values differ between two ``model_fields`` dicts (or that only one has)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def grow_model(src_model: nnx.Module, tgt_model: nnx.Module, *, op: str, order: str = "stack",
@@ -83,10 +89,8 @@ def grow(src_model: nnx.Module, src_config, config) -> nnx.Module:
     # order="by_kind" maps every target layer to a base layer of its own kind (checked layer by layer), so the
     # block pattern may differ: a base "SA" grows into "SSSA".
     free = ("num_layers", "block_pattern") if order == "by_kind" else ("num_layers",)
-    src_fields = {k: v for k, v in _model_fields(src_config.model).items() if k not in free}
-    tgt_fields = {k: v for k, v in _model_fields(config.model).items() if k not in free}
-    if lt != ls and src_fields != tgt_fields:
-        diff = sorted(k for k in set(src_fields) | set(tgt_fields) if src_fields.get(k) != tgt_fields.get(k))
+    diff = field_diff(model_fields(src_config.model, free), model_fields(config.model, free))
+    if lt != ls and diff:
         raise ValueError(f"growth: depth growth changes only model.num_layers, but these differ too: {diff} "
                          f"(grow width and depth in two runs)")
     tgt_model = state_lib.build_base_model(config)

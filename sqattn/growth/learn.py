@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sqattn.growth import depth, paths
+from sqattn.growth import depth, field_diff, model_fields, paths
 from sqattn.models.lm import LM
 
 MODEL = "ligo_lm"
@@ -197,15 +196,6 @@ def _to_nnx(tree: dict):
 
 
 # -- the two init.transforms ----------------------------------------------------------------------------------
-def _lm_fields(model_cfg, drop=()) -> dict[str, Any]:
-    d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    return {k: v for k, v in d.items() if k not in drop}
-
-
-def _field_diff(a: dict, b: dict) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
 def start(src_model: nnx.Module, src_config, config) -> LiGOLM:
     """``init.transform`` of the learn run: a ``LiGOLM`` of ``config`` whose base is the base run's model.
 
@@ -218,11 +208,11 @@ def start(src_model: nnx.Module, src_config, config) -> LiGOLM:
         raise ValueError(f"G_learn: init.transform {START!r} builds model_name={MODEL!r}, the config has "
                          f"{config.model_name!r} (sqattn.configs.growth.grown_config(op='learn') sets it)")
     ligo = dict(config.model.ligo)
-    want = _lm_fields(config.model, drop=("ligo", "num_layers", "block_pattern"))
-    got = _lm_fields(src_config.model, drop=("num_layers", "block_pattern"))
-    if src_config.model_name != "lm" or _field_diff(want, got):
+    want = model_fields(config.model, drop=("ligo", "num_layers", "block_pattern"))
+    got = model_fields(src_config.model, drop=("num_layers", "block_pattern"))
+    if src_config.model_name != "lm" or field_diff(want, got):
         raise ValueError(f"G_learn: the base run's model ({src_config.model_name!r}) differs from the LiGO base "
-                         f"in {_field_diff(want, got) or ['model_name']}: depth growth changes only num_layers")
+                         f"in {field_diff(want, got) or ['model_name']}: depth growth changes only num_layers")
     ls = int(src_config.model.num_layers)
     src_pattern = src_config.model.get("block_pattern", "A")
     want_pattern = ligo.get("source_pattern") or config.model.get("block_pattern", "A")
@@ -245,10 +235,10 @@ def fold(src_model: nnx.Module, src_config, config) -> LM:
     if not isinstance(src_model, LiGOLM):
         raise ValueError(f"G_learn: init.transform {FOLD!r} folds a {MODEL!r} run (the learn phase), but "
                          f"{config.init.workdir!r} holds a {src_config.model_name!r} model")
-    want = _lm_fields(src_config.model, drop=("ligo",))
-    got = _lm_fields(config.model)
-    if config.model_name != "lm" or _field_diff(want, got):
+    want = model_fields(src_config.model, drop=("ligo",))
+    got = model_fields(config.model)
+    if config.model_name != "lm" or field_diff(want, got):
         raise ValueError(f"G_learn: the fold's config must be the learn run's target (model_name 'lm', the same "
-                         f"model fields); differs in {_field_diff(want, got) or ['model_name']}")
+                         f"model fields); differs in {field_diff(want, got) or ['model_name']}")
     params = jax.device_get(jax.jit(lambda m: m.target_params())(src_model))
     return paths.load(state_lib.build_base_model(config), params)
