@@ -21,9 +21,10 @@ Implementations (``impl``, resolved by ``kernels.dispatch.resolve_impl``):
 * ``"ref"``: per-token ``lax.scan`` (``ref.gla_recurrent``).
 * ``"chunked"``: pure-jnp chunked parallel form (``ref.gla_chunked``); what ``"auto"`` runs on CPU.
 * ``"pallas"`` / ``"interpret"``: the Pallas forward kernel (``pallas.gla_fwd``) compiled, or run
-  by the Pallas interpreter; its backward is ``jax.vjp`` of ``ref.gla_chunked`` inside a
-  ``jax.custom_vjp`` (``jax.grad`` through a raw ``pallas_call`` fails), which recomputes the
-  chunked forward from the saved inputs. ``"auto"`` picks it on GPU/TPU.
+  by the Pallas interpreter, inside a ``jax.custom_vjp`` whose backward is the Pallas backward
+  (``pallas_bwd.gla_bwd``: the per-chunk states recomputed by a kernel, then a reverse-chunk kernel
+  for ``dq, dk, dv`` and the state gradient; ``dg`` from those in jnp). It saves only the inputs
+  and the final state. ``"auto"`` picks it on GPU/TPU.
 
 ``"ref"`` and ``"chunked"`` are differentiated by plain autodiff.
 
@@ -54,7 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import dispatch
-from kernels.gla import pallas, ref
+from kernels.gla import pallas, pallas_bwd, ref
 
 __all__ = ["gla", "gla_step"]
 
@@ -106,20 +107,16 @@ def _gla_pallas_fwd(q, k, v, g, initial_state, doc, scale, chunk_size, block_siz
                     platform):
     out = _gla_pallas(q, k, v, g, initial_state, doc, scale, chunk_size, block_sizes, interpret,
                       platform)
-    return out, (q, k, v, g, initial_state, doc)
+    return out, (q, k, v, g, initial_state, doc, out[1])
 
 
 def _gla_pallas_bwd(scale, chunk_size, block_sizes, interpret, platform, residuals, cotangents):
-    del block_sizes, interpret, platform
-    q, k, v, g, initial_state, doc = residuals
-
-    def chunked(q, k, v, g, initial_state):
-        # ``doc`` changes exactly where the caller's segment_ids change, so it is a valid id.
-        return ref.gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state,
-                               segment_ids=doc, chunk_size=chunk_size)
-
-    _, vjp = jax.vjp(chunked, q, k, v, g, initial_state)
-    return (*vjp(cotangents), None)
+    q, k, v, g, initial_state, doc, final_state = residuals
+    d_out, d_final = cotangents
+    grads = pallas_bwd.gla_bwd(q, k, v, g, initial_state, doc, final_state, d_out, d_final, scale=scale,
+                               chunk_size=chunk_size, block_sizes=block_sizes, interpret=interpret,
+                               platform=platform)
+    return (*grads, None)
 
 
 _gla_pallas.defvjp(_gla_pallas_fwd, _gla_pallas_bwd)
@@ -171,7 +168,9 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
         if platform == "tpu" and chunk_size % 8 and chunk_size < length:
             return f"chunk_size={chunk_size} is not a multiple of 8 (TPU sublanes)"
         bs = block_sizes or pallas.BlockSizes.get_default(v_dim, platform)
-        return pallas.footprint(platform, length, k_dim, v_dim, q.dtype, chunk_size, bs).reason()
+        fps = (pallas.footprint(platform, length, k_dim, v_dim, q.dtype, chunk_size, bs),
+               *pallas_bwd.footprints(platform, k_dim, v_dim, q.dtype, chunk_size, bs))
+        return next((fp.reason() for fp in fps if fp.reason()), None)
 
     resolved = dispatch.resolve_impl(impl, op="gla", target=target, unsupported=unsupported)
     if resolved == "ref":

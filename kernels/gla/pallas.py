@@ -21,8 +21,8 @@ document index of every position, and the per-chunk state decay ``exp(G_last)`` 
 chunk contains a segment reset), then transposes to ``[B, H, T, D]`` so every block's last two dims
 are the full array dims (legal on TPU for any size, plain pointers on GPU).
 
-Forward only: ``ops.py`` wraps this in ``jax.custom_vjp`` and takes the backward from
-``ref.gla_chunked``.
+The forward kernel: ``ops.py`` wraps it in ``jax.custom_vjp`` with the backward kernels of
+``pallas_bwd`` (which share ``prepare``, the operand layout built here).
 
 Status: exercised on CPU through the Pallas interpreter (``interpret=True``) and lowered for Triton (GPU,
 parameters passed explicitly) and Mosaic (TPU, ``vmem_limit_bytes`` from ``footprint``) in the tests; not
@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from kernels import tiles
 from kernels.gla import ref
 
-__all__ = ["BlockSizes", "footprint", "gla_fwd", "padded_dim"]
+__all__ = ["BlockSizes", "Prepared", "footprint", "gla_fwd", "padded_dim", "prepare", "to_kernel_layout"]
 
 padded_dim = tiles.padded_dim
 _pad_last = tiles.pad_last
@@ -207,6 +207,71 @@ def footprint(platform: str, length: int, k_dim: int, v_dim: int, dtype, chunk_s
         live=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * 3 + [((sub, bv), f32)])
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Kernel operands shared by the forward and backward kernels (``prepare``).
+
+    ``q, k, cum`` ``[B, H, T_pad, K_pad]`` (``cum`` the float32 within-chunk cumulative log-decay), ``v``
+    ``[B, H, T_pad, V_pad]``, ``doc`` ``[B, T_pad, 1]`` int32, ``carry`` ``[B, H, N, K_pad, 1]`` each chunk's
+    state decay (zero where the chunk holds a document start), ``doc_prev_rows`` ``[B, N, 1, 1]`` the document
+    of the row before each chunk (row 0's for chunk 0), ``h0`` ``[B, H, K_pad, V_pad]`` float32.
+    """
+    chunk: int
+    sub: int
+    num_chunks: int
+    t_pad: int
+    k_pad: int
+    v_pad: int
+    block_v: int
+    mm_dtype: object
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    cum: jax.Array
+    doc: jax.Array
+    carry: jax.Array
+    doc_prev_rows: jax.Array
+    h0: jax.Array
+
+
+def to_kernel_layout(x: jax.Array, t_pad: int, dim: int) -> jax.Array:
+    """``[B, T, H, D]`` -> ``[B, H, T_pad, dim]`` (zero padding)."""
+    return jnp.transpose(_pad_last(ref.pad_time(x, t_pad), dim), (0, 2, 1, 3))
+
+
+def prepare(q, k, v, g, initial_state, doc, chunk_size: int, block_sizes: BlockSizes) -> Prepared:
+    """Pads ``T`` to whole chunks and ``K``, ``V`` to kernel sizes, transposes to ``[B, H, T, D]`` and computes
+    the within-chunk cumulative log-decay, the per-chunk state decays and document rows (see ``Prepared``)."""
+    batch, length, heads, k_dim = q.shape
+    v_dim = v.shape[-1]
+    chunk = int(chunk_size)
+    sub = block_sizes.sub_chunk if chunk % block_sizes.sub_chunk == 0 else chunk
+    num_chunks = -(-length // chunk)
+    t_pad = num_chunks * chunk
+    k_pad, v_pad = padded_dim(k_dim), padded_dim(v_dim)
+    block_v = min(block_sizes.block_v, v_pad)
+    if v_pad % block_v:
+        raise ValueError(f"gla: block_v={block_v} must divide the padded V={v_pad}")
+    g = _pad_last(ref.pad_time(g.astype(jnp.float32), t_pad), k_pad)  # [B, T_pad, H, K_pad]
+    cum = jnp.cumsum(g.reshape(batch, num_chunks, chunk, heads, k_pad), axis=2)  # [B,N,C,H,K]
+    doc = ref.pad_time(doc.astype(jnp.int32), t_pad, mode="edge")  # [B, T_pad]
+    doc_c = doc.reshape(batch, num_chunks, chunk)  # [B, N, C]
+    doc_last = doc_c[:, :, -1]  # [B, N]
+    doc_prev = jnp.concatenate([jnp.zeros_like(doc_last[:, :1]), doc_last[:, :-1]], axis=1)
+    carry = jnp.where((doc_last == doc_prev)[:, :, None, None], jnp.exp(cum[:, :, -1]),
+                      0.0)  # [B, N, H, K]
+    carry = jnp.transpose(carry, (0, 2, 1, 3))[..., None]  # [B, H, N, K_pad, 1]
+    doc_prev_rows = jnp.concatenate([doc[:, :1], doc_c[:, :-1, -1]], axis=1).reshape(batch, num_chunks, 1, 1)
+    h0 = jnp.pad(initial_state.astype(jnp.float32),
+                 ((0, 0), (0, 0), (0, k_pad - k_dim), (0, v_pad - v_dim)))  # [B, H, Kp, Vp]
+    return Prepared(
+        chunk=chunk, sub=sub, num_chunks=num_chunks, t_pad=t_pad, k_pad=k_pad, v_pad=v_pad, block_v=block_v,
+        mm_dtype=jnp.float32 if q.dtype == jnp.float32 else q.dtype,
+        q=to_kernel_layout(q, t_pad, k_pad), k=to_kernel_layout(k, t_pad, k_pad), v=to_kernel_layout(v, t_pad, v_pad),
+        cum=jnp.transpose(cum.reshape(batch, t_pad, heads, k_pad), (0, 2, 1, 3)), doc=doc[:, :, None],
+        carry=carry, doc_prev_rows=doc_prev_rows, h0=h0)
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "block_sizes", "interpret",
                                              "platform"))
 def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_state: jax.Array,
@@ -234,35 +299,11 @@ def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
     """
     batch, length, heads, k_dim = q.shape
     v_dim = v.shape[-1]
-    chunk = int(chunk_size)
-    sub = block_sizes.sub_chunk if chunk % block_sizes.sub_chunk == 0 else chunk
-    num_chunks = -(-length // chunk)
-    t_pad = num_chunks * chunk
-    k_pad, v_pad = padded_dim(k_dim), padded_dim(v_dim)
-    block_v = min(block_sizes.block_v, v_pad)
-    if v_pad % block_v:
-        raise ValueError(f"gla: block_v={block_v} must divide the padded V={v_pad}")
-    mm_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
-
-    def prep(x, dim):  # [B, T, H, D] -> [B, H, T_pad, D_pad]
-        x = _pad_last(ref.pad_time(x, t_pad), dim)
-        return jnp.transpose(x, (0, 2, 1, 3))
-
-    g = _pad_last(ref.pad_time(g.astype(jnp.float32), t_pad), k_pad)  # [B, T_pad, H, K_pad]
-    cum = jnp.cumsum(g.reshape(batch, num_chunks, chunk, heads, k_pad), axis=2)  # [B,N,C,H,K]
-    doc = ref.pad_time(doc.astype(jnp.int32), t_pad, mode="edge")  # [B, T_pad]
-    doc_c = doc.reshape(batch, num_chunks, chunk)  # [B, N, C]
-    doc_last = doc_c[:, :, -1]  # [B, N]
-    doc_prev = jnp.concatenate([jnp.zeros_like(doc_last[:, :1]), doc_last[:, :-1]], axis=1)
-    carry = jnp.where((doc_last == doc_prev)[:, :, None, None], jnp.exp(cum[:, :, -1]),
-                      0.0)  # [B, N, H, K]
-    carry = jnp.transpose(carry, (0, 2, 1, 3)).reshape(batch, heads, num_chunks * k_pad, 1)
-
-    q_t, k_t = prep(q, k_pad), prep(k, k_pad)  # [B, H, T_pad, K_pad]
-    v_t = prep(v, v_pad)  # [B, H, T_pad, V_pad]
-    cum_t = jnp.transpose(cum.reshape(batch, t_pad, heads, k_pad), (0, 2, 1, 3))  # [B,H,Tp,Kp]
-    h0 = jnp.pad(initial_state.astype(jnp.float32),
-                 ((0, 0), (0, 0), (0, k_pad - k_dim), (0, v_pad - v_dim)))  # [B, H, Kp, Vp]
+    p = prepare(q, k, v, g, initial_state, doc, chunk_size, block_sizes)
+    chunk, sub, num_chunks, t_pad, k_pad, v_pad, block_v = (p.chunk, p.sub, p.num_chunks, p.t_pad, p.k_pad,
+                                                            p.v_pad, p.block_v)
+    q_t, k_t, v_t, cum_t, doc, h0, mm_dtype = p.q, p.k, p.v, p.cum, p.doc, p.h0, p.mm_dtype
+    carry = p.carry.reshape(batch, heads, num_chunks * k_pad, 1)
 
     fp = footprint(platform, length, k_dim, v_dim, q.dtype, chunk, block_sizes)
     if not interpret:
@@ -271,8 +312,7 @@ def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
         if chunk % 8 and num_chunks > 1:
             raise ValueError(f"gla: chunk_size={chunk} must be a multiple of 8 for the TPU kernel")
         from jax.experimental.pallas import tpu as pltpu
-        carry_c = carry.reshape(batch, heads, num_chunks, k_pad, 1)
-        doc_prev_rows = jnp.concatenate([doc[:, :1], doc_c[:, :-1, -1]], axis=1).reshape(batch, num_chunks, 1, 1)
+        carry_c, doc_prev_rows = p.carry, p.doc_prev_rows
         ck = pl.BlockSpec((None, None, chunk, k_pad), lambda b, h, j, c: (b, h, c, 0))
         cv = pl.BlockSpec((None, None, chunk, block_v), lambda b, h, j, c: (b, h, c, j))
         st = pl.BlockSpec((None, None, k_pad, block_v), lambda b, h, j, c: (b, h, 0, j))
@@ -296,7 +336,7 @@ def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
             compiler_params=tiles.compiler_params(platform, interpret, footprint=fp,
                                                   dimension_semantics=("parallel",) * 3 + ("arbitrary",)),
             name="gla_fwd",
-        )(q_t, k_t, v_t, cum_t, doc[:, :, None], carry_c, doc_prev_rows, h0)
+        )(q_t, k_t, v_t, cum_t, doc, carry_c, doc_prev_rows, h0)
         o = jnp.transpose(o, (0, 2, 1, 3))[:, :length, :, :v_dim]  # [B, T, H, V]
         return o, final_state[:, :, :k_dim, :v_dim]
 
@@ -323,6 +363,6 @@ def gla_fwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
         compiler_params=tiles.compiler_params(platform, interpret, footprint=fp,
                                               dimension_semantics=("parallel",) * 3),
         name="gla_fwd",
-    )(q_t, k_t, v_t, cum_t, doc[:, :, None], carry, h0)
+    )(q_t, k_t, v_t, cum_t, doc, carry, h0)
     o = jnp.transpose(o, (0, 2, 1, 3))[:, :length, :, :v_dim]  # [B, T, H, V]
     return o, final_state[:, :, :k_dim, :v_dim]

@@ -20,8 +20,10 @@ Implementations (``impl``, resolved by ``kernels.dispatch.resolve_impl``):
 * ``"ref"``: replicate into ``N * H`` heads and run the per-token GLA scan (``ref.sse_masked``).
 * ``"chunked"``: replicate and run the chunked GLA form; what ``"auto"`` runs on CPU.
 * ``"pallas"`` / ``"interpret"``: the Pallas forward (``pallas.sse_fwd``), which masks and scales
-  inside the kernel and never materialises the replicated q/k/v/g. Its backward is ``jax.vjp`` of
-  the chunked reference inside a ``jax.custom_vjp``. ``"auto"`` picks it on GPU/TPU.
+  inside the kernel and never materialises the replicated q/k/v/g, inside a ``jax.custom_vjp``
+  whose backward runs the GLA backward kernels (``kernels.gla.pallas_bwd``) on the partitions
+  folded into heads and chains through ``ref.replicate`` (``_sse_pallas_bwd``). ``"auto"`` picks
+  it on GPU/TPU.
 
 Gradients with respect to ``w`` are those of the expression above with the selection ``w != 0``
 held fixed (the hard top-K has no gradient; papers/sse.md §6): at a zero entry the derivative of
@@ -52,6 +54,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels import dispatch
+from kernels.gla import pallas as gla_pallas
+from kernels.gla import pallas_bwd as gla_pallas_bwd
 from kernels.gla import ref as gla_ref
 from kernels.sse import pallas, ref
 
@@ -105,20 +109,34 @@ def _sse_pallas_fwd(q, k, v, g, w, initial_state, doc, scale, chunk_size, block_
                     platform):
     out = _sse_pallas(q, k, v, g, w, initial_state, doc, scale, chunk_size, block_sizes,
                       interpret, platform)
-    return out, (q, k, v, g, w, initial_state, doc)
+    return out, (q, k, v, g, w, initial_state, doc, out[1])
 
 
 def _sse_pallas_bwd(scale, chunk_size, block_sizes, interpret, platform, residuals, cotangents):
-    del block_sizes, interpret, platform
-    q, k, v, g, w, initial_state, doc = residuals
+    """The GLA backward kernels on the partitions folded into heads, chained through ``ref.replicate``.
 
-    def chunked(q, k, v, g, w, initial_state):
-        # ``doc`` changes exactly where the caller's segment_ids change, so it is a valid id.
-        return ref.sse_masked(q, k, v, g, w, scale=scale, initial_state=initial_state,
-                              segment_ids=doc, chunk_size=chunk_size, form="chunked")
-
-    _, vjp = jax.vjp(chunked, q, k, v, g, w, initial_state)
-    return (*vjp(cotangents), None)
+    The sparse partitions are a GLA over ``N * H`` heads of ``w``-scaled, selection-masked copies
+    (``ref.replicate``); the copies are built here in the input dtype (the forward kernel rounds them to it
+    before its matmuls too), run through ``gla.pallas_bwd.gla_bwd``, and ``jax.vjp`` of ``replicate`` maps
+    their gradients back to ``q, k, v, g, w`` (summing over partitions). The backward thus holds ``N``
+    copies of q/k/v/g and the output cotangent, which the forward kernel avoids.
+    """
+    q, k, v, g, w, initial_state, doc, final_state = residuals
+    d_out, d_final = cotangents
+    batch, length, heads, k_dim = q.shape
+    n, v_dim = w.shape[-1], v.shape[-1]
+    reps, rep_vjp = jax.vjp(ref.replicate, q, k, v, g, w)
+    q_r, k_r, v_r, g_r = reps
+    fold = lambda s: s.reshape(batch, n * heads, k_dim, v_dim)  # noqa: E731  [B, N*H, K, V]
+    d_out_r = jnp.broadcast_to(d_out[:, :, None], (batch, length, n, heads, v_dim)).reshape(
+        batch, length, n * heads, v_dim)  # o = sum over partitions
+    grads = gla_pallas_bwd.gla_bwd(
+        q_r.astype(q.dtype), k_r.astype(k.dtype), v_r.astype(v.dtype), g_r, fold(initial_state), doc,
+        fold(final_state), d_out_r, fold(d_final), scale=scale, chunk_size=chunk_size,
+        block_sizes=gla_pallas.BlockSizes(block_v=block_sizes.block_v, sub_chunk=block_sizes.sub_chunk),
+        interpret=interpret, platform=platform)
+    dq, dk, dv, dg, dw = rep_vjp(tuple(x.astype(r.dtype) for x, r in zip(grads[:4], reps)))
+    return dq, dk, dv, dg, dw, grads[4].reshape(initial_state.shape), None
 
 
 _sse_pallas.defvjp(_sse_pallas_fwd, _sse_pallas_bwd)
@@ -165,7 +183,10 @@ def sse(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, w: jax.Array, *,
         if platform == "gpu" and chunk_size % 16:
             return f"chunk_size={chunk_size} is not a multiple of 16 (Triton tl.dot tiles)"
         bs = block_sizes or pallas.BlockSizes.get_default(v_dim, platform)
-        return pallas.footprint(platform, length, k_dim, v_dim, n, q.dtype, chunk_size, bs).reason()
+        fps = (pallas.footprint(platform, length, k_dim, v_dim, n, q.dtype, chunk_size, bs),
+               *gla_pallas_bwd.footprints(platform, k_dim, v_dim, q.dtype, chunk_size,
+                                          gla_pallas.BlockSizes(block_v=bs.block_v, sub_chunk=bs.sub_chunk)))
+        return next((fp.reason() for fp in fps if fp.reason()), None)
 
     resolved = dispatch.resolve_impl(impl, op="sse", target=target, unsupported=unsupported)
     if resolved in ("ref", "chunked"):

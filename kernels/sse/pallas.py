@@ -23,7 +23,8 @@ wrapper sums over ``N`` (float32) and casts to ``q.dtype``. This keeps every pro
 (partition outputs are not accumulated across grid steps, which GPU grids do not allow), at the
 cost of an ``N``-times output buffer; q/k/v/g are never replicated.
 
-Forward only: ``ops.py`` wraps it in ``jax.custom_vjp`` with the backward of ``ref.sse_masked``.
+The forward kernel: ``ops.py`` wraps it in ``jax.custom_vjp`` whose backward runs the GLA backward kernels
+(``kernels.gla.pallas_bwd``) on the partitions folded into heads.
 Status: run on CPU through the Pallas interpreter; the tests also lower it for Triton (GPU) and
 Mosaic (TPU, ``vmem_limit_bytes`` from ``footprint``) without running it there. On TPU the chunk is a sequential
 fifth grid axis with the state in VMEM scratch, so VMEM holds one chunk whatever ``T``.

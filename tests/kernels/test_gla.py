@@ -225,8 +225,8 @@ def test_packed_rows_equal_documents_alone(impl):
 def test_bf16_inputs():
     """bf16 q/k/v (f32 decay and state) match the f32 recurrence on the same values.
 
-    The interpret kernel runs its matmuls in bf16 with f32 accumulation; its backward is the chunked
-    form's vjp on the bf16 inputs, so this also covers ``impl="chunked"`` with bf16.
+    The interpret kernels (forward and the backward of ``pallas_bwd``) run their matmuls in bf16 with f32
+    accumulation.
     """
     impl = "interpret"
     args, (do, dh) = _inputs(CASE_A, seed=2)
