@@ -21,11 +21,12 @@ Implementations (``impl``, resolved by ``kernels.dispatch.resolve_impl``):
 * ``"ref"``: ``ref.segment_attention_ref``, gathered checkpoints and a dense masked ``[T, T // L]`` score
   matrix (already ``T^2 / L`` work): what ``"auto"`` runs on CPU. Differentiated by plain autodiff.
 * ``"pallas"`` / ``"interpret"``: the Pallas forward kernel (``pallas.segment_attention_fwd``: flash
-  attention over the checkpoints with block-causal skipping, self term merged in the online softmax),
-  compiled (GPU/TPU) or run by the Pallas interpreter (CPU tests). Its **backward is ``jax.vjp`` of the
-  reference** inside a ``jax.custom_vjp`` (``jax.grad`` through a raw ``pallas_call`` fails; DESIGN.md
-  allows the backward to come from the reference at first): it recomputes the reference forward from the
-  saved ``q, k, v``. ``"auto"`` picks it on GPU/TPU.
+  attention over the checkpoints with block-causal skipping, self term merged in the online softmax; it saves
+  the log-sum-exp), compiled (GPU/TPU) or run by the Pallas interpreter (CPU tests), inside a
+  ``jax.custom_vjp`` whose **backward is flash-style** (``_kernel_backward``): from the saved ``lse`` the self
+  term's gradient is elementwise, and the checkpoint part runs the flash-attention backward kernels of
+  ``kernels.causal_attention.pallas`` (dq kernel; dk/dv kernel summing each kv head's query heads) with the
+  checkpoints as keys, so no ``[T, T / L]`` probability matrix is stored. ``"auto"`` picks it on GPU/TPU.
 
 Example (runs on CPU)::
 
@@ -52,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import dispatch, tiles
+from kernels.causal_attention import pallas as flash
 from kernels.segment_attention import pallas, ref
 from kernels.segment_attention.ref import score_entries
 
@@ -109,34 +111,86 @@ def _kernel_forward(q, k, v, seg, segment_len, scale, block_sizes, interpret, pl
     ck = k[:, segment_len - 1::segment_len]  # [B, S, G, D]
     cv = v[:, segment_len - 1::segment_len]  # [B, S, G, D]
     c_seg = tiles.pad_axis(seg[:, segment_len - 1::segment_len], 1, s_pad)  # [B, S_pad]
-    o, _ = pallas.segment_attention_fwd(
+    o, lse = pallas.segment_attention_fwd(
         head_major(q, t_pad), head_major(k, t_pad), head_major(v, t_pad),
         tiles.pad_axis(seg, 1, t_pad)[:, :, None],  # [B, T_pad, 1]
         head_major(ck, s_pad), head_major(cv, s_pad), c_seg[:, None, :],  # [B, 1, S_pad]
         scale=scale, segment_len=segment_len, num_ck=num_ck, block_sizes=bs, interpret=interpret,
         platform=platform)
-    return jnp.transpose(o, (0, 2, 1, 3))[:, :length, :, :dim]  # [B, T, H, D]
+    return flash.token_major(o, length, dim), lse[:, :, :length, 0]  # [B, T, H, D], [B, H, T] float32
+
+
+def bwd_block_sizes(block_sizes: pallas.BlockSizes, platform: str, length: int, num_ck: int) -> flash.BlockSizes:
+    """Tiles of the backward kernels (``kernels.causal_attention.pallas``): the forward's, capped at the flash
+    backward tiles of ``platform`` (GPU 64 x 64: the dk/dv kernel stages six tiles), fitted to the problem."""
+    d = flash.BlockSizes.get_default(platform)
+    bq, bk = min(block_sizes.block_q, d.block_q_bwd), min(block_sizes.block_k, d.block_k_bwd)
+    return flash.BlockSizes(bq, bk, bq, bk).fit(length, num_ck)
+
+
+def _kernel_backward(q, k, v, seg, o, lse, do, segment_len, scale, block_sizes, interpret, platform):
+    """Flash-style backward from the saved log-sum-exp ``lse`` ``[B, H, T]`` (self term included).
+
+    ``P`` is never stored: the self term (one key per query) is elementwise here; the checkpoint part runs the
+    flash-attention backward kernels (``kernels.causal_attention.pallas.flash_bwd``: dq over the checkpoint blocks
+    a query block sees, dk/dv over the query blocks that see a checkpoint block) with the checkpoints as keys at
+    positions ``c_j + 1 = (j + 1) L`` (``Geometry(stride=L, offset=L)``: visible iff ``c_j < t``), and their
+    gradients are added into the checkpoint rows of ``dk``/``dv``.
+    """
+    f32 = jnp.float32
+    batch, length, heads, dim = q.shape
+    groups = k.shape[2]
+    rep = heads // groups
+    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1)  # [B, T, H]
+    lse_t = jnp.transpose(lse, (0, 2, 1))  # [B, T, H]
+    q32, do32 = q.astype(f32), do.astype(f32)
+    k_h, v_h = jnp.repeat(k, rep, axis=2).astype(f32), jnp.repeat(v, rep, axis=2).astype(f32)  # [B, T, H, D]
+    p_self = jnp.exp(jnp.sum(q32 * k_h, axis=-1) * scale - lse_t)  # [B, T, H]
+    ds_self = p_self * (jnp.sum(do32 * v_h, axis=-1) - delta)  # [B, T, H]
+
+    def per_kv_head(x):  # [B, T, H, D] -> [B, T, G, D], summing each group's query heads
+        return jnp.sum(x.reshape(batch, length, groups, rep, dim), axis=3)
+
+    dq = ds_self[..., None] * k_h * scale
+    dk = per_kv_head(ds_self[..., None] * q32 * scale)
+    dv = per_kv_head(p_self[..., None] * do32)
+    num_ck = ref.num_checkpoints(length, segment_len)
+    if num_ck:
+        bs = bwd_block_sizes(block_sizes, platform, length, num_ck)
+        t_pad, s_pad = bs.padded_lengths(length, num_ck)
+        d_pad = pallas.padded_dim(dim)
+        cut = slice(segment_len - 1, None, segment_len)
+
+        def column(x):  # [B, H, T] -> [B, H, T_pad, 1]
+            return tiles.pad_axis(x, 2, t_pad)[..., None]
+
+        dq_c, dk_c, dv_c = flash.flash_bwd(
+            flash.head_major(q, t_pad, d_pad), flash.head_major(k[:, cut], s_pad, d_pad),
+            flash.head_major(v[:, cut], s_pad, d_pad), tiles.pad_axis(seg, 1, t_pad)[:, :, None],
+            tiles.pad_axis(seg[:, cut], 1, s_pad)[:, None, :], column(lse), column(jnp.transpose(delta, (0, 2, 1))),
+            flash.head_major(do, t_pad, d_pad),
+            geometry=flash.Geometry(num_keys=num_ck, stride=segment_len, offset=segment_len), scale=scale,
+            block_sizes=bs, interpret=interpret, platform=platform, name="segment_attention_bwd")
+        dq = dq + flash.token_major(dq_c, length, dim)
+        dk = dk.at[:, cut].add(flash.token_major(dk_c, num_ck, dim))
+        dv = dv.at[:, cut].add(flash.token_major(dv_c, num_ck, dim))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _pallas_op(q, k, v, seg, segment_len, scale, block_sizes, interpret, platform):
-    return _kernel_forward(q, k, v, seg, segment_len, scale, block_sizes, interpret, platform)
+    return _kernel_forward(q, k, v, seg, segment_len, scale, block_sizes, interpret, platform)[0]
 
 
 def _pallas_op_fwd(q, k, v, seg, segment_len, scale, block_sizes, interpret, platform):
-    o = _kernel_forward(q, k, v, seg, segment_len, scale, block_sizes, interpret, platform)
-    return o, (q, k, v, seg)
+    o, lse = _kernel_forward(q, k, v, seg, segment_len, scale, block_sizes, interpret, platform)
+    return o, (q, k, v, seg, o, lse)
 
 
 def _pallas_op_bwd(segment_len, scale, block_sizes, interpret, platform, residuals, do):
-    del block_sizes, interpret, platform
-    q, k, v, seg = residuals
-
-    def reference(q, k, v):
-        return ref.segment_attention_ref(q, k, v, segment_len=segment_len, segment_ids=seg, scale=scale)
-
-    _, vjp = jax.vjp(reference, q, k, v)
-    return (*vjp(do), None)
+    q, k, v, seg, o, lse = residuals
+    return (*_kernel_backward(q, k, v, seg, o, lse, do, segment_len, scale, block_sizes, interpret, platform),
+            None)
 
 
 _pallas_op.defvjp(_pallas_op_fwd, _pallas_op_bwd)

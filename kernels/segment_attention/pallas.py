@@ -19,8 +19,8 @@ two >= 16 (zeros; Triton ``tl.dot`` needs power-of-two tiles >= 16), and transpo
 so every block's last two dims are full array dims or tile multiples. Padded checkpoints are never visible
 to a real query (their row index is ``>= T``); padded query rows are sliced off.
 
-Forward only: ``ops.py`` wraps it in ``jax.custom_vjp`` whose backward is ``jax.vjp`` of
-``ref.segment_attention_ref``.
+Forward only: ``ops.py`` wraps it in ``jax.custom_vjp``; the backward runs the flash-attention backward kernels
+of ``kernels.causal_attention.pallas`` from the ``lse`` saved here (``ops._kernel_backward``).
 
 Status: exercised on CPU through the Pallas interpreter (``interpret=True``) and lowered for Triton (GPU) and
 Mosaic (TPU; from a CPU host inside ``kernels.dispatch.lowering_target("tpu")``, which names the chip) in the

@@ -4,9 +4,10 @@ Shapes: b batch, t query time, s key time, h query heads, g kv heads (h % g == 0
 Sliding window ``window = W > 0``: query t sees keys s with ``t - W < s <= t`` (W tokens including itself).
 Decoding keeps a cache of all keys (full) or a ring buffer of the last W keys (sliding window).
 
-A whole sequence goes through ``kernels.causal_attention.causal_attention`` (``impl="auto"``: the blocked
-online-softmax path, masked blocks skipped, no T x T buffer); ``attention_mask`` / ``dot_product_attention``
-(the dense reference, re-exported from ``kernels.causal_attention.ref``) serve decoding.
+A whole sequence goes through ``kernels.causal_attention.causal_attention`` (``impl="auto"``: the
+flash-attention Pallas kernel on GPU/TPU, the blocked online-softmax path on CPU; masked blocks skipped, no
+T x T buffer); ``attention_mask`` / ``dot_product_attention`` (the dense reference, re-exported from
+``kernels.causal_attention.ref``) serve decoding.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqattn.parallel import cad as cad_lib
 from sqattn.parallel.sharding import constrain
 
 _MASK = MASK_VALUE  # finite: fully-masked rows give a uniform softmax, never NaN
+_IMPLS = ("auto", "chunked", "ref", "pallas", "interpret")  # kernels.causal_attention's impl
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int,
@@ -88,7 +90,9 @@ class Attention(nnx.Module):
       cad: core attention disaggregation (sqattn.parallel.cad): True or a dict of ``CADConfig`` fields. Under
         an ``activation_sharding`` mesh whose data-parallel axes shard the batch, core attention runs as the
         balanced shard_map program (same result); otherwise it is ignored. Full attention only.
-      impl: ``kernels.causal_attention`` implementation: "auto" (blocked), "chunked" (same) or "ref" (dense).
+      impl: ``kernels.causal_attention`` implementation: "auto" (the flash-attention Pallas kernel on a GPU/TPU
+        target, the blocked jnp path on CPU), "pallas" (the kernel, GPU/TPU), "interpret" (the kernel in the
+        Pallas interpreter), "chunked" (blocked jnp) or "ref" (dense).
     """
 
     def __init__(self, d_model: int, *, rngs: nnx.Rngs, dtype=jnp.float32, num_heads: int = 4,
@@ -101,8 +105,8 @@ class Attention(nnx.Module):
             raise ValueError(f"attention: num_heads={num_heads} not divisible by num_kv_heads={num_kv_heads}")
         if window < 0:
             raise ValueError(f"attention: window must be >= 0, got {window}")
-        if impl not in ("auto", "chunked", "ref"):
-            raise ValueError(f"attention: impl must be 'auto', 'chunked' or 'ref', got {impl!r}")
+        if impl not in _IMPLS:
+            raise ValueError(f"attention: impl must be one of {_IMPLS}, got {impl!r}")
         self.cad = cad_lib.CADConfig.from_arg(cad)
         if self.cad is not None and window > 0:
             raise ValueError(f"attention: cad needs full attention (window=0), got window={window}")

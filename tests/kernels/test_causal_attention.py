@@ -132,8 +132,10 @@ def test_bad_inputs_name_the_problem():
         causal_attention(q, k, v, window=-1)
     with pytest.raises(ValueError, match="segment_ids must have shape"):
         causal_attention(q, k, v, segment_ids=jnp.zeros((2, 9), jnp.int32))
-    with pytest.raises(ValueError, match="no Pallas kernel"):
+    with pytest.raises(ValueError, match="impl='pallas' needs a compiled kernel for 'cpu'"):
         causal_attention(q, k, v, impl="pallas")
+    with pytest.raises(ValueError, match="block_q must be a power of two >= 16"):
+        causal_attention(q, k, v, impl="interpret", block_q=24)
     with pytest.raises(ValueError, match="unknown impl 'blocked'"):
         causal_attention(q, k, v, impl="blocked")
     with pytest.raises(ValueError, match="block_size must be >= 1"):
