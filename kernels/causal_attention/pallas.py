@@ -63,7 +63,6 @@ __all__ = ["BlockSizes", "Geometry", "flash_bwd", "flash_fwd", "footprints", "he
 _F32 = jnp.float32
 _NT = ((1,), (1,))  # a [m, k] . b [n, k] -> [m, n]
 _NN = ((1,), (0,))  # a [m, k] . b [k, n] -> [m, n]
-_TN = ((0,), (0,))  # a [k, m] . b [k, n] -> [m, n]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +210,9 @@ def _dq_block(q, do, lse, delta, k, v, ok, dq, *, scale, mm_dtype):
 
 def _dkdv_block(q, do, lse, delta, k, v, ok, dk, dv, *, scale, mm_dtype):
     p = _probs(q, k, ok, lse, scale=scale, mm_dtype=mm_dtype)
-    dv = dv + _dot(p, do, _TN, mm_dtype)  # [bk, D]
+    dv = dv + _dot(p.T, do, _NN, mm_dtype)  # [bk, D] (an explicit transpose, as Mosaic's own flash kernel does)
     ds = p * (_dot(do, v, _NT, mm_dtype) - delta)
-    return dk + _dot(ds, q, _TN, mm_dtype), dv  # dk times scale at the end
+    return dk + _dot(ds.T, q, _NN, mm_dtype), dv  # dk times scale at the end
 
 
 # ---- GPU (Triton): grid (batch, head, block), block ranges walked by fori_loop --------------------------------
