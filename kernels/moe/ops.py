@@ -13,9 +13,11 @@ Implementations (``impl``, resolved by ``kernels.dispatch.resolve_impl``):
 
 * ``"ref"``: sort by expert + ``jax.lax.ragged_dot`` + unsort (``ref.moe_ffn_ref``); what ``"auto"`` runs on CPU.
 * ``"chunked"``: the kernel's padded tile layout computed in jnp (``ref.moe_ffn_tiled``).
-* ``"pallas"`` / ``"interpret"``: the fused Pallas kernel (``pallas.moe_ffn_fwd``: gather, both GEMMs with the
-  activation, weighted combine) compiled, or run by the interpreter; its backward is ``jax.vjp`` of
-  ``ref.moe_ffn_tiled`` inside a ``jax.custom_vjp``. ``"auto"`` picks it on GPU/TPU.
+* ``"pallas"`` / ``"interpret"``: the Pallas kernels (``pallas.moe_ffn_fwd``: gather + gate/up GEMM + activation,
+  then down GEMM + weighted combine, every dimension tiled) compiled, or run by the interpreter; their backward
+  is ``jax.vjp`` of ``ref.moe_ffn_tiled`` inside a ``jax.custom_vjp``. ``"auto"`` picks them on GPU/TPU where
+  their tiles fit (``pallas.footprints``: independent of the token count, H and I, so at every shape with the
+  default tiles, ``moe_large`` included).
 
 Example (runs on CPU)::
 
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 from kernels import dispatch
 from kernels.moe import pallas, ref
 
-__all__ = ["moe_ffn"]
+__all__ = ["kernel_unsupported", "moe_ffn"]
 
 
 def _validate(x, expert_ids, weights, w_gate, w_up, w_down) -> None:
@@ -95,6 +97,18 @@ def _moe_pallas_bwd(block_sizes, interpret, platform, residuals, d_out):
 _moe_pallas.defvjp(_moe_pallas_fwd, _moe_pallas_bwd)
 
 
+def kernel_unsupported(d_model: int, hidden: int, dtype, *, block_sizes: pallas.BlockSizes | None = None,
+                       target: str | None = None) -> str | None:
+    """Why ``moe_ffn(impl="auto")`` would not run the compiled kernels for ``[., d_model]`` tokens and experts of
+    width ``hidden`` on the target (``kernels.dispatch.target_platform``), or ``None`` when it would: no kernel
+    for the platform, or tiles that do not fit it (``pallas.footprints``)."""
+    platform = dispatch.target_platform(target)
+    if platform not in ("gpu", "tpu"):
+        return f"no compiled MoE kernel for {platform!r}"
+    bs = block_sizes or pallas.BlockSizes.get_default(hidden, platform, d_model=d_model)
+    return next((fp.reason() for fp in pallas.footprints(platform, dtype, bs) if fp.reason()), None)
+
+
 def moe_ffn(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
             w_down: jax.Array, *, impl: str = "auto", block_sizes: pallas.BlockSizes | None = None,
             target: str | None = None) -> jax.Array:
@@ -108,7 +122,7 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_gate: jax
       w_up: ``[E, H, I]``.
       w_down: ``[E, I, H]``.
       impl: ``"auto"``, ``"ref"``, ``"chunked"``, ``"pallas"`` or ``"interpret"``.
-      block_sizes: Pallas tiles; defaults to ``pallas.BlockSizes.get_default(I, platform)``.
+      block_sizes: Pallas tiles; defaults to ``pallas.BlockSizes.get_default(I, platform, d_model=H)``.
       target: platform to compile for (``"cpu"``, ``"gpu"``, ``"tpu"``); default: the context's
         (``kernels.dispatch.target_platform``). With
         ``impl="interpret"`` it selects which kernel variant the interpreter runs (GPU's by default).
@@ -123,8 +137,7 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_gate: jax
     num_experts, _, hidden = w_gate.shape
 
     def unsupported(platform):
-        bs = block_sizes or pallas.BlockSizes.get_default(hidden, platform)
-        return pallas.footprint(platform, x.shape[0], x.shape[1], hidden, x.dtype, bs).reason()
+        return kernel_unsupported(x.shape[1], hidden, x.dtype, block_sizes=block_sizes, target=platform)
 
     resolved = dispatch.resolve_impl(impl, op="moe_ffn", cpu_default="ref", target=target, unsupported=unsupported)
     ids = expert_ids.astype(jnp.int32)
@@ -134,8 +147,9 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_gate: jax
     if platform not in ("gpu", "tpu"):
         platform = "gpu"  # the interpreter runs the GPU variant unless asked for the TPU one
     if block_sizes is None:
-        block_sizes = pallas.BlockSizes.get_default(hidden, platform if resolved == "pallas" else "cpu")
-    if block_sizes.block_m < 1 or block_sizes.block_i < 1:
+        block_sizes = pallas.BlockSizes.get_default(hidden, platform if resolved == "pallas" else "cpu",
+                                                    d_model=x.shape[1])
+    if min(block_sizes.block_m, block_sizes.block_i, block_sizes.block_h) < 1:
         raise ValueError(f"moe_ffn: block sizes must be positive, got {block_sizes}")
 
     def run(x, ids, weights, w_gate, w_up, w_down):

@@ -9,10 +9,12 @@ counts (``expert_load``) and the dropped fraction (``drop_fraction``) beside the
 Dispatch (``dispatch=``): ``"dense"`` (one-hot reference), ``"sorted"`` (sort + grouped matmul),
 ``"fused"`` (Pallas kernel), ``"expert_parallel"`` (shard_map all-to-all over the ``expert`` mesh axis of the
 enclosing ``sharding.activation_sharding`` context) or ``"auto"``: expert parallel when that context has an
-``expert`` axis larger than 1, else sorted. ``"auto"`` is resolved when the model is traced, so jit it inside the
-context (as the trainer does); a function jitted outside keeps its choice. Decoding (``x [b, d]``) treats every
-token as its own group, where nothing can be dropped, so it matches the parallel form exactly only when the
-parallel form drops nothing (dropless, or a capacity factor large enough).
+``expert`` axis larger than 1, else fused where the Pallas kernels run on the target (GPU/TPU) and their tiles
+fit (``kernels.moe.kernel_unsupported``; with ``kernel_impl="auto"``), else sorted. ``"auto"`` is resolved when
+the model is traced, so jit it inside the context (as the trainer does); a function jitted outside keeps its
+choice. Decoding (``x [b, d]``) treats every token as its own group, where nothing can be dropped, so it matches
+the parallel form exactly only when the parallel form drops nothing (dropless, or a capacity factor large
+enough).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.moe import kernel_unsupported
 from sqattn.layers.core import param
 from sqattn.moe import dispatch as dispatch_lib
 from sqattn.moe import expert_parallel
@@ -111,6 +114,8 @@ class MoE(nnx.Module):
         mesh, _ = expert_parallel.active_mesh()
         if mesh is not None and mesh.shape.get("expert", 1) > 1:
             return "expert_parallel"
+        if self.kernel_impl == "auto" and kernel_unsupported(self.w_gate.shape[1], self.mlp_dim, self.dtype) is None:
+            return "fused"  # the Pallas kernels run on this target (GPU/TPU) and their tiles fit
         return "sorted"
 
     def _dispatch(self, x, routing: router_lib.Routing, capacity: int, strategy: str):

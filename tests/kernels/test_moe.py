@@ -155,3 +155,48 @@ def test_impl_errors():
         moe_ffn(x, ids, w, *params, impl="pallas", target="cpu")
     with pytest.raises(ValueError, match="unknown impl"):
         moe_ffn(x, ids, w, *params, impl="fast")
+
+
+@pytest.mark.parametrize("target", ["gpu", "tpu"])
+def test_retiled_kernels_with_several_reduction_steps(reference, target):
+    """Tiles smaller than H and I (2 model-column and 3 hidden-column steps, 8-row tiles): both variants of the
+    two kernels in the interpreter match the reference, forward and (through the custom_vjp) gradients."""
+    (x, ids, w, params, ct), ref_out, ref_grads = reference
+    bs = pallas.BlockSizes(block_m=8, block_i=16, block_h=16)
+
+    @jax.jit
+    def run(x, w, params):
+        def loss(x, w, params):
+            out = moe_ffn(x, ids, w, *params, impl="interpret", block_sizes=bs, target=target)
+            return jnp.sum(out * ct), out
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, w, params)
+
+    (_, out), grads = run(x, w, params)
+    assert_close(out, ref_out, name=f"{target} retiled out")
+    for name, g, r in zip(("dx", "dweights", "dw_gate", "dw_up", "dw_down"), jax.tree.leaves(grads),
+                          jax.tree.leaves(ref_grads)):
+        assert_close(g, r, name=f"{target} retiled {name}")
+
+
+def test_auto_picks_the_kernels_where_they_fit():
+    """Default tiles fit every target at moe_tiny (H = 128, I = 192) and moe_large (H = I = 2048) shapes, so the
+    op's auto and the MoE layer's dispatch='auto' take the kernels on GPU/TPU targets and not on CPU."""
+    from kernels import dispatch
+    from kernels.moe import kernel_unsupported
+    from sqattn.moe.layer import MoE
+    for d_model, hidden in ((128, 192), (2048, 2048)):
+        for target in ("gpu", "tpu"):
+            for dtype in (jnp.bfloat16, jnp.float32):
+                assert kernel_unsupported(d_model, hidden, dtype, target=target) is None
+        assert "no compiled MoE kernel for 'cpu'" in kernel_unsupported(d_model, hidden, jnp.bfloat16, target="cpu")
+    huge = pallas.BlockSizes(block_m=1024, block_i=2048, block_h=2048)
+    assert "moe_ffn_fwd_up needs" in kernel_unsupported(2048, 2048, jnp.bfloat16, block_sizes=huge, target="gpu")
+    from flax import nnx
+    layer = MoE(16, num_experts=4, mlp_dim=24, rngs=nnx.Rngs(0))
+    assert layer.resolved_dispatch() == "sorted"
+    for platform in ("cuda", "tpu"):
+        with dispatch.lowering_target(platform):
+            assert layer.resolved_dispatch() == "fused"
+    layer.kernel_impl = "ref"  # a kernel impl chosen by hand keeps auto off the kernels
+    with dispatch.lowering_target("cuda"):
+        assert layer.resolved_dispatch() == "sorted"
