@@ -6,11 +6,12 @@
 
 Sections (``--sections``, all by default):
 
-* ``kernels``: for every kernel (gla, sse, selective_scan, ssd, segment_attention, moe) at production shapes
-  (``sse_h_2b``, ``scout_swa_400m``, a 1B-class Mamba-2 layer, ``moe_tiny``'s MoE; ``--tiny``: small odd shapes),
-  the forward output and the gradient of ``sum(sin(out))`` w.r.t. every float input of the compiled kernel
-  (``impl="pallas"``; ``--interpret``: the interpreter) against the XLA path (``chunked`` / ``ref``): relative
-  RMSE per output, and forward+backward time of both (``--repeats`` interleaved calls: min and median, ms).
+* ``kernels``: for every kernel (gla, sse, selective_scan, ssd, segment_attention, causal_attention, moe) at
+  production shapes (``sse_h_2b``, ``scout_swa_400m``, a 1B-class Mamba-2 layer, ``moe_tiny``'s MoE; ``--tiny``:
+  small odd shapes), the forward output and the gradient of ``sum(sin(out))`` w.r.t. every float input of the
+  compiled kernel (``impl="pallas"``; ``--interpret``: the interpreter) against the XLA path (``chunked`` /
+  ``ref``): relative RMSE per output, and forward+backward time of both (``--repeats`` interleaved calls: min and
+  median, ms).
 * ``train_steps``: one train step of ``sse_h_tiny``, ``mamba2_tiny``, ``moe_tiny`` and ``scout_swa_tiny`` with
   ``impl="auto"`` under the config's mesh (``--interpret``: the mixers' ``impl`` set to ``"interpret"`` so the
   kernels run on CPU; ``--tiny``: one block of the pattern, batch 8, sequence 32): loss, finiteness, time, and
@@ -34,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 DEFAULT_CONFIGS = ("sse_h_tiny", "mamba2_tiny", "moe_tiny", "scout_swa_tiny")
-KERNELS = ("gla", "sse", "selective_scan", "ssd", "segment_attention", "moe")
+KERNELS = ("gla", "sse", "selective_scan", "ssd", "segment_attention", "causal_attention", "moe")
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}
 
 
@@ -57,6 +58,7 @@ def kernel_cases(tiny: bool) -> dict[str, tuple[Callable, list, tuple[int, ...],
     import jax
     import jax.numpy as jnp
 
+    from kernels.causal_attention import causal_attention
     from kernels.gla import gla
     from kernels.mamba import selective_scan, ssd
     from kernels.moe import moe_ffn
@@ -94,6 +96,10 @@ def kernel_cases(tiny: bool) -> dict[str, tuple[Callable, list, tuple[int, ...],
     cases["segment_attention"] = (functools.partial(segment_attention, segment_len=l4),
                                   [rnd((b4, t4, h4, d4)), rnd((b4, t4, g4, d4)), rnd((b4, t4, g4, d4))],
                                   (0, 1, 2), "ref")
+    b6, t6, h6, g6, d6 = (2, 45, 4, 2, 16) if tiny else (1, 4096, 16, 16, 128)  # sse_h_2b's full attention
+    cases["causal_attention"] = (causal_attention,
+                                 [rnd((b6, t6, h6, d6)), rnd((b6, t6, g6, d6)), rnd((b6, t6, g6, d6))],
+                                 (0, 1, 2), "chunked")
     n5, h5, i5, e5 = (37, 24, 40, 4) if tiny else (2048, 128, 192, 8)
     ids = jax.lax.top_k(rnd((n5, e5), f32), 2)[1]
     cases["moe"] = (moe_ffn, [rnd((n5, h5)), ids, jax.nn.softmax(rnd((n5, 2), f32), -1),
@@ -191,8 +197,9 @@ def build_step(cfg):
     return step, batch, shard, setup
 
 
-KERNEL_NAMES = ("gla_fwd", "sse_fwd", "mamba_selective_scan_fwd", "mamba_ssd_fwd", "segment_attention_fwd",
-                "moe_ffn_fwd")
+KERNEL_NAMES = ("gla_fwd", "gla_states", "gla_bwd", "sse_fwd", "mamba_selective_scan_fwd", "mamba_ssd_fwd",
+                "segment_attention_fwd", "segment_attention_bwd_dq", "segment_attention_bwd_dkdv", "moe_ffn_fwd",
+                "flash_attention_fwd", "flash_attention_dq", "flash_attention_dkdv")
 
 
 def kernels_in(text: str) -> dict[str, int]:

@@ -35,13 +35,15 @@ def test_train_step_section_with_auto(tmp_path):
 
 
 def test_train_steps_lower_for_gpu_and_tpu_with_kernels_in_shard_map():
-    """scout_swa_tiny (segment attention) and sse_h_tiny (GLA; chunk 8: the kernel on TPU, the chunked path on
-    GPU) lowered from this CPU host for both targets."""
+    """scout_swa_tiny (segment attention, SWA attention) and sse_h_tiny (GLA; chunk 8: the kernel on TPU, the
+    chunked path on GPU; full attention) lowered from this CPU host for both targets, forward and backward kernels."""
     res = ac.check_lowering(["scout_swa_tiny", "sse_h_tiny"], ["cuda", "tpu"], tiny=True)
-    assert res["scout_swa_tiny cuda"]["kernels"] == {"segment_attention_fwd": 1}
-    assert res["scout_swa_tiny tpu"]["kernels"] == {"segment_attention_fwd": 1}
-    assert res["sse_h_tiny tpu"]["kernels"] == {"gla_fwd": 1}
-    assert res["sse_h_tiny cuda"]["kernels"] == {}  # chunk 8 is not a multiple of 16: auto falls back
+    flash = {"flash_attention_fwd": 1, "flash_attention_dq": 1, "flash_attention_dkdv": 1}
+    scout = {"segment_attention_fwd": 1, "segment_attention_bwd_dq": 1, "segment_attention_bwd_dkdv": 1}
+    assert res["scout_swa_tiny cuda"]["kernels"] == scout | flash
+    assert res["scout_swa_tiny tpu"]["kernels"] == scout | flash
+    assert res["sse_h_tiny tpu"]["kernels"] == {"gla_fwd": 1, "gla_states": 1, "gla_bwd": 1} | flash
+    assert res["sse_h_tiny cuda"]["kernels"] == flash  # chunk 8 is not a multiple of 16: GLA falls back
     for key, entry in res.items():
         assert entry["outside_shard_map"] == 0, key
         assert entry["kernel_calls"] == sum(entry["kernels"].values()), key
