@@ -1,6 +1,7 @@
 """The Pallas backward kernels of GLA and SSE (``kernels/gla/pallas_bwd.py``): the TPU block-spec variant's
-gradients in the interpreter against the per-token references (test_gla.py / test_sse.py check the GPU variant,
-which the interpreter runs by default), the segmented reverse sum behind ``dg``, and the lowering of the whole
+gradients in the interpreter against the per-token reference (test_gla.py and test_sse.py check the GPU variant,
+which the interpreter runs by default, in f32 and bf16; SSE's backward is these kernels on partitions folded into
+heads, so its TPU variant is this one), the segmented reverse sum behind ``dg``, and the lowering of the whole
 backward for Triton and Mosaic at default tiles and ``sse_h_2b`` shapes in bf16 with footprints that fit.
 """
 
@@ -17,8 +18,8 @@ import pytest
 from kernels import dispatch, tiles
 from kernels.gla import gla, pallas, pallas_bwd
 from kernels.sse import sse
-from kernels.sse import ref as sse_ref
-from tests.testing import assert_close, assert_grads_close, upcast_bf16
+from tests.kernels.test_kernel_contract import lower_fwd_bwd
+from tests.testing import assert_close, assert_grads_close
 
 S = jax.ShapeDtypeStruct
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -80,31 +81,6 @@ def test_gla_tpu_variant_gradients_match_the_recurrence():
     assert_grads_close(grads("interpret")(*args), grads("ref")(*args), ("dq", "dk", "dv", "dg", "dh0"), F32, "tpu")
 
 
-def test_sse_tpu_variant_gradients_bf16():
-    """SSE's backward (the GLA backward kernels over partitions folded into heads) through the TPU variant with
-    bf16 q/k/v, T = 21 (chunk 16), top-1 routing, against the f32 per-token reference on the same values."""
-    rng = np.random.default_rng(2)
-    b, t, h, k, v, n = 2, 21, 2, 8, 12, 3
-    q, kk, vv = (x.astype(BF16) for x in (_normal(rng, b, t, h, k), _normal(rng, b, t, h, k), _normal(rng, b, t, h, v)))
-    g = _log_decay(rng, b, t, h, k)
-    e = jax.nn.softmax(_normal(rng, b, t, n), -1)
-    w = jnp.where(sse_ref.topk_mask(e, 1), e, 0.0)
-    h0 = _normal(rng, b, n, h, k, v)
-    cts = (_normal(rng, b, t, h, v).astype(BF16), _normal(rng, b, n, h, k, v))
-
-    def grads(impl):
-        def f(*xs):
-            return sse(*xs[:5], initial_state=xs[5], return_final_state=True, chunk_size=16, impl=impl,
-                       target="tpu" if impl == "interpret" else None)
-        return jax.jit(lambda xs, cts: jax.vjp(f, *xs)[1](cts))
-
-    args = (q, kk, vv, g, w, h0)
-    actual = grads("interpret")(args, cts)
-    expected = grads("ref")(upcast_bf16(args), upcast_bf16(cts))
-    assert [x.dtype for x in actual[:3]] == [BF16] * 3
-    assert_grads_close(upcast_bf16(actual), expected, ("dq", "dk", "dv", "dg", "dw", "dh0"), BF16, "sse tpu bf16")
-
-
 def _gla_op(b, t, h, k, v, dtype, chunk):
     return (functools.partial(gla, chunk_size=chunk),
             [S((b, t, h, k), dtype)] * 2 + [S((b, t, h, v), dtype), S((b, t, h, k), F32)])
@@ -125,16 +101,11 @@ SHAPES = {
 @pytest.mark.parametrize("op", ["gla", "sse"])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_backward_lowers_and_fits(platform, op, shape):
-    """``jax.grad`` through the op with ``impl="pallas"`` lowers the backward kernels for the target (Triton on
+    """``jax.value_and_grad`` through the op with ``impl="pallas"`` lowers the backward kernels for the target (Triton on
     cuda, Mosaic on tpu), and their footprints fit H100/H200 shared memory and v5e/v5p VMEM."""
     fn, args = (_gla_op if op == "gla" else _sse_op)(**SHAPES[shape])
-
-    def loss(*xs):
-        return jnp.sum(fn(*xs, impl="pallas")[0].astype(F32))
-
-    with tiles.record() as fps, dispatch.lowering_target(platform):
-        text = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).trace(*args).lower(
-            lowering_platforms=(platform,)).as_text()
+    with tiles.record() as fps:
+        text = lower_fwd_bwd(fn, args, platform)
     for name in ("gla_states", "gla_bwd"):
         assert name in text
         mine = [fp for fp in fps if fp.kernel == name]
