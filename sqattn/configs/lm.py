@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="bfloat16",          # compute dtype ("float32" | "bfloat16"); params stay float32
         norm_eps=1e-6,
         remat=False,               # rematerialise each block in the backward pass
+        scan_layers=False,         # identical blocks through one lax.scan (sqattn.models.lm.scan_blocks)
         mixers=ml_collections.ConfigDict(dict(
             attention=ml_collections.ConfigDict(dict(
                 num_heads=heads, num_kv_heads=kv_heads, window=0, rope_theta=10000.0, qk_norm=False,

@@ -105,6 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="bfloat16",          # compute dtype; params stay float32
         norm_eps=1e-6,
         remat=s["remat"],
+        scan_layers=False,         # identical blocks through one lax.scan (sqattn.models.lm.scan_blocks)
         mixers=ml_collections.ConfigDict(dict(
             sse=_sse_config(s["sse_heads"], s["sse_head_dim"], a.form or s["form"],
                             s["chunk_size"]),

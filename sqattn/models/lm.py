@@ -88,6 +88,12 @@ class LM(nnx.Module):
         GPT-2's 50,257 -> 50,304). Logits keep the padded width (still sharded over ``act_vocab``) with the
         padding columns set to ``PAD_LOGIT``, so the loss, argmax and sampling never pick them and tokens stay
         ``< vocab_size``. 1 (default) = no padding: the same parameters as before the option existed.
+      scan_layers: compile each distinct block once: runs of identical consecutive blocks (same structure,
+        e.g. the three S of "SSSA") go through one ``lax.scan``, and when every repetition of
+        ``block_pattern`` is identical the repetitions are scanned too (``sse_h_2b``: 3 x [5 S scanned, A]).
+        The parameters keep their per-block layout (checkpoints, growth and adapters see the same tree); they
+        are stacked inside the step, and gradients flow back to each block. Same function as the loop, to
+        rounding; it cuts compile time roughly by the number of repeats (see ``scan_blocks``).
       moe: None (no MoE) or ``sqattn.moe.MoE`` kwargs plus ``every``/``layers`` choosing the blocks whose MLP
         it replaces (``sqattn.moe.moe_layer_indices``; e.g. ``every=2``: blocks 1, 3, ...).
     """
@@ -96,7 +102,7 @@ class LM(nnx.Module):
                  mlp_dim: int = 0, tie_embeddings: bool = True, dtype: str = "float32",
                  mixers: dict[str, dict[str, Any]] | None = None, norm_eps: float = 1e-6,
                  remat: bool = False, moe: dict[str, Any] | None = None, vocab_multiple: int = 1,
-                 rngs: nnx.Rngs):
+                 scan_layers: bool = False, rngs: nnx.Rngs):
         mixers = dict(mixers or {})
         self.vocab_size = vocab_size
         self.padded_vocab = padded_vocab_size(vocab_size, vocab_multiple)
@@ -107,6 +113,8 @@ class LM(nnx.Module):
         self.pattern = expand_pattern(block_pattern, num_layers)
         self.dtype = as_dtype(dtype)
         self.remat = remat
+        self.scan_layers = scan_layers
+        self.period = len(block_pattern)
         self.embed = Embed(self.padded_vocab, d_model, rngs=rngs, dtype=self.dtype)
         out_scale = 1.0 / (2 * num_layers) ** 0.5  # GPT-2 style residual-branch scaling
         blocks = []
@@ -139,6 +147,11 @@ class LM(nnx.Module):
         stays by slot order.
         """
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        if self.scan_layers:
+            out, aux = scan_blocks(list(self.blocks), x, segment_ids, positions, remat=self.remat,
+                                   period=self.period)
+            self.sow(nnx.Intermediate, "aux_loss", aux)   # what the scanned blocks sowed, summed
+            return out
         out = []
         for block in self.blocks:
             if self.remat:
@@ -174,6 +187,85 @@ class LM(nnx.Module):
             x, c = blk.step(x, c)
             new_cache.append(c)
         return self._logits(self.final_norm(x)), new_cache
+
+
+def _call_block(graphdef, state, x, segment_ids, positions):
+    """Runs one block rebuilt from ``(graphdef, state)``; returns its output and the aux losses it sowed."""
+    block = nnx.merge(graphdef, state)
+    y = block(x, segment_ids, positions)
+    return y, _collect_aux_losses(block)
+
+
+def _stack(states):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def _runs(keys: list) -> list[tuple[int, int]]:
+    """``[start, end)`` of each run of equal consecutive ``keys``."""
+    runs, i = [], 0
+    while i < len(keys):
+        j = i + 1
+        while j < len(keys) and keys[j] == keys[i]:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def _block_key(graphdef, state):
+    """What must be equal for two blocks to share one compiled body: structure, shapes and dtypes."""
+    shapes = tuple((jax.tree_util.keystr(p), v.shape, v.dtype)
+                   for p, v in jax.tree_util.tree_leaves_with_path(state))
+    return graphdef, shapes
+
+
+def _run_segment(graphdefs, states, keys, x, segment_ids, positions, remat):
+    """Blocks in order; each run of identical consecutive blocks is one ``lax.scan``."""
+    call = _call_block
+    if remat:
+        call = jax.checkpoint(_call_block, static_argnums=(0,))
+    outs, aux = [], jnp.zeros((), jnp.float32)
+    for i, j in _runs(keys):
+        if j - i == 1:
+            x, a = call(graphdefs[i], states[i], x, segment_ids, positions)
+            outs.append(x)
+            aux = aux + a
+            continue
+        gd = graphdefs[i]
+
+        def body(h, st, gd=gd):
+            h, a = call(gd, st, h, segment_ids, positions)
+            return h, (h, a)
+
+        x, (hs, a) = jax.lax.scan(body, x, _stack(states[i:j]))
+        outs.extend(hs[k] for k in range(j - i))
+        aux = aux + jnp.sum(a)
+    return outs, aux
+
+
+def scan_blocks(blocks: list, x, segment_ids, positions, *, remat: bool, period: int):
+    """``LM.hidden_states`` with each distinct block compiled once (``LM(scan_layers=True)``).
+
+    Two levels: if the blocks are ``n > 1`` identical repetitions of ``period`` blocks, one ``lax.scan`` runs
+    over the repetitions; within a repetition (or the whole stack otherwise) each run of identical consecutive
+    blocks is one inner ``lax.scan``. Returns (every block's output, the sum of the aux losses they sowed).
+    """
+    split = [nnx.split(b) for b in blocks]
+    graphdefs, states = [g for g, _ in split], [s for _, s in split]
+    keys = [_block_key(g, s) for g, s in split]
+    n = len(blocks) // period if period else 0
+    if n > 1 and n * period == len(blocks) and all(keys[r * period:(r + 1) * period] == keys[:period]
+                                                    for r in range(n)):
+        per_rep = [_stack(states[j::period]) for j in range(period)]    # block j of every repetition
+
+        def body(h, rep_states):
+            outs, a = _run_segment(graphdefs[:period], list(rep_states), keys[:period], h, segment_ids,
+                                   positions, remat)
+            return outs[-1], (jnp.stack(outs), a)
+
+        _, (hs, a) = jax.lax.scan(body, x, tuple(per_rep))            # hs [n, period, b, t, d]
+        return [hs[r, j] for r in range(n) for j in range(period)], jnp.sum(a)
+    return _run_segment(graphdefs, states, keys, x, segment_ids, positions, remat)
 
 
 def _init_args(letter: str) -> tuple[str, ...]:
