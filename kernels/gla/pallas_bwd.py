@@ -2,8 +2,9 @@
 
 The forward (``pallas.gla_fwd``) saves nothing but its inputs and final state. The backward runs two kernels:
 
-1. ``gla_states``: the forward recurrence again, chunk by chunk, writing the state *before* every chunk
-   (``S_n``, ``[B, H, N, K, V]`` float32; only the ``k``/``v`` state update, no outputs);
+1. ``gla_states``: the forward recurrence again, chunk by chunk (float32), writing the state *before* every
+   chunk (``S_n``, ``[B, H, N, K, V]``; only the ``k``/``v`` state update, no outputs) in the matmul dtype: the
+   backward reads it only as a matmul operand (``do S^T``), which the forward rounds to that dtype too;
 2. ``gla_bwd``: the reverse recurrence. Walking the chunks backwards with ``dS`` (the gradient w.r.t. the state
    after the chunk; ``dS = d final_state`` before the last chunk) it computes, for chunk ``n`` with rows ``i, j``,
    the within-chunk cumulative log-decay ``G``, ``q`` already scaled, document masks as in the forward::
@@ -168,7 +169,7 @@ def _states_kernel_gpu(k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref, states
 
     def body(ci, state):
         row = pl.multiple_of(ci * k_pad, k_pad)
-        states_ref[pl.ds(row, k_pad), :] = state
+        states_ref[pl.ds(row, k_pad), :] = state.astype(states_ref.dtype)
         carry = carry_ref[pl.ds(row, k_pad), :]  # [K, 1]
         return _state_update(k_ref, v_ref, cum_ref, doc_ref, state, carry, pl.multiple_of(ci * chunk, chunk),
                              chunk=chunk, sub=sub, mm_dtype=mm_dtype)
@@ -204,7 +205,7 @@ def _states_kernel_tpu(k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref, states
         state_ref[...] = h0_ref[...]
 
     state = state_ref[...]
-    states_ref[...] = state
+    states_ref[...] = state.astype(states_ref.dtype)
     state_ref[...] = _state_update(k_ref, v_ref, cum_ref, doc_ref, state, carry_ref[...], 0, chunk=chunk, sub=sub,
                                    mm_dtype=mm_dtype)
 
@@ -244,15 +245,15 @@ def footprints(platform: str, k_dim: int, v_dim: int, dtype, chunk_size: int,
         states = tiles.tpu_footprint(
             "gla_states",
             [((chunk, k_pad), dtype), ((chunk, bv), dtype), ((chunk, k_pad), f32), ((chunk, 1), i32),
-             ((k_pad, 1), f32), ((k_pad, bv), f32), ((k_pad, bv), f32)],
+             ((k_pad, 1), f32), ((k_pad, bv), f32), ((k_pad, bv), dtype)],
             scratch=[((k_pad, bv), f32)],
             temporaries=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * 2)
         bwd = tiles.tpu_footprint(
             "gla_bwd",
             [((chunk, k_pad), dtype)] * 2 + [((chunk, bv), dtype)] * 2
-            + [((chunk, k_pad), f32), ((chunk, 1), i32), ((k_pad, 1), f32), ((1, 1), i32), ((k_pad, bv), f32),
+            + [((chunk, k_pad), f32), ((chunk, 1), i32), ((k_pad, 1), f32), ((1, 1), i32), ((k_pad, bv), dtype),
                ((k_pad, bv), f32)]
-            + [((chunk, k_pad), f32)] * 2 + [((chunk, bv), f32), ((k_pad, bv), f32)],  # dq, dk, dv, dh0
+            + [((chunk, k_pad), f32)] * 2 + [((chunk, bv), dtype), ((k_pad, bv), f32)],  # dq, dk, dv, dh0
             scratch=[((k_pad, bv), f32)],
             temporaries=[((k_pad, bv), f32)] * 3 + [((sub, k_pad), f32)] * (5 * n_sub + 4)
             + [((sub, bv), f32)] * (3 * n_sub) + [((sub, sub), f32)] * 2)
@@ -316,7 +317,7 @@ def gla_bwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
         tiles.require_fit(fp_states)
         tiles.require_fit(fp_bwd)
     out_shapes = [jax.ShapeDtypeStruct((batch, heads, n_vb, t_pad, k_pad), f32)] * 2 + [
-        jax.ShapeDtypeStruct((batch, heads, t_pad, v_pad), f32),
+        jax.ShapeDtypeStruct((batch, heads, t_pad, v_pad), v.dtype),  # dv: whole per program, no partial sums
         jax.ShapeDtypeStruct((batch, heads, k_pad, v_pad), f32)]
     kw = dict(chunk=chunk, sub=sub, mm_dtype=p.mm_dtype)
     if platform == "tpu":
@@ -336,7 +337,7 @@ def gla_bwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
             in_specs=[fwd_k, fwd_v, fwd_k, pl.BlockSpec((None, chunk, 1), lambda b, h, j, c: (b, c, 0)),
                       pl.BlockSpec((None, None, None, k_pad, 1), lambda b, h, j, c: (b, h, c, 0, 0)), st],
             out_specs=fwd_states,
-            out_shape=jax.ShapeDtypeStruct((batch, heads, num_chunks, k_pad, v_pad), f32),
+            out_shape=jax.ShapeDtypeStruct((batch, heads, num_chunks, k_pad, v_pad), p.mm_dtype),
             scratch_shapes=scratch, interpret=interpret,
             compiler_params=tiles.compiler_params(platform, interpret, footprint=fp_states,
                                                   dimension_semantics=("parallel",) * 3 + ("arbitrary",)),
@@ -377,7 +378,7 @@ def gla_bwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
             grid=(batch, heads, n_vb),
             in_specs=[seq_k, seq_v, seq_k, seq_doc, seq_carry, st],
             out_specs=seq_states,
-            out_shape=jax.ShapeDtypeStruct((batch, heads, num_chunks * k_pad, v_pad), f32),
+            out_shape=jax.ShapeDtypeStruct((batch, heads, num_chunks * k_pad, v_pad), p.mm_dtype),
             interpret=interpret,
             compiler_params=tiles.compiler_params(platform, interpret, footprint=fp_states),
             name="gla_states",
@@ -399,7 +400,7 @@ def gla_bwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
 
     dqs = unprep(jnp.sum(dq_p, axis=2), k_dim)  # w.r.t. the scaled q
     dk = unprep(jnp.sum(dk_p, axis=2), k_dim)
-    dv = unprep(dv_t, v_dim)
+    dv = unprep(dv_t, v_dim)  # v.dtype
     # Log-decay: dB = q dq - k dk (+ the final state's exp(B_T) at the last row), summed backwards per document.
     d_b = q.astype(f32) * scale * dqs - k.astype(f32) * dk  # [B, T, H, K]
     d_b = d_b.at[:, -1].add(jnp.sum(d_final.astype(f32) * final_state.astype(f32), axis=-1))
