@@ -58,10 +58,12 @@ def test_segment_reverse_cumsum():
     assert_close(out, expected, F32, "segment_reverse_cumsum")
 
 
-def test_gla_tpu_variant_gradients_match_the_recurrence():
-    """The TPU backward (chunks visited in reverse by the index maps, dS in VMEM scratch) on T = 37 with chunk 32
-    (two sub-chunks, a padded last chunk), per-key decay, packed documents (boundaries inside and on sub-chunk
-    starts) and an initial state, against the VJP of the per-token scan."""
+@pytest.mark.parametrize("target", ["gpu", "tpu"])
+def test_gla_gradients_over_value_blocks_match_the_recurrence(target):
+    """Both variants with two value blocks per head (``block_v`` = 16 of the padded V = 32: ``dq``, ``dk`` summed
+    over the blocks' partials), on T = 37 with chunk 32 (two sub-chunks, a padded last chunk), per-key decay,
+    packed documents (boundaries inside and on sub-chunk starts) and an initial state, against the VJP of the
+    per-token scan. TPU: chunks visited in reverse by the index maps, dS in VMEM scratch."""
     rng = np.random.default_rng(1)
     b, t, h, k, v = 2, 37, 2, 12, 20
     q, kk, vv = _normal(rng, b, t, h, k), _normal(rng, b, t, h, k), _normal(rng, b, t, h, v)
@@ -72,13 +74,15 @@ def test_gla_tpu_variant_gradients_match_the_recurrence():
     def grads(impl):
         def f(*xs):
             return gla(*xs[:4], initial_state=xs[4], segment_ids=seg, return_final_state=True, chunk_size=32,
-                       scale=0.3, impl=impl, target="tpu" if impl == "interpret" else None)
+                       scale=0.3, impl=impl, target=target if impl == "interpret" else None,
+                       block_sizes=pallas.BlockSizes(block_v=16))
         return jax.jit(lambda *xs: jax.vjp(f, *xs)[1](cts))
 
     args = (q, kk, vv, g, h0)
     names = _pallas_names(grads("interpret"), *args)
     assert "gla_fwd" in names and "gla_states" in names and "gla_bwd" in names, names
-    assert_grads_close(grads("interpret")(*args), grads("ref")(*args), ("dq", "dk", "dv", "dg", "dh0"), F32, "tpu")
+    assert_grads_close(grads("interpret")(*args), grads("ref")(*args), ("dq", "dk", "dv", "dg", "dh0"), F32,
+                       target)
 
 
 def _gla_op(b, t, h, k, v, dtype, chunk):
