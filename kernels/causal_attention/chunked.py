@@ -1,4 +1,4 @@
-"""Blocked causal attention in pure jnp (``impl="chunked"``, what ``"auto"`` runs): flash attention for XLA.
+"""Blocked causal attention in pure jnp (``impl="chunked"``, what ``"auto"`` runs on CPU): flash attention for XLA.
 
 The sequence is cut into ``n`` blocks of ``B`` tokens. Query block ``i`` only meets key blocks ``i - d``
 (block diagonal ``d >= 0``); ``d > i`` is before the sequence, and with a sliding window the diagonals past

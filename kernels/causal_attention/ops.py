@@ -33,6 +33,7 @@ Example (runs on CPU)::
     v = jax.random.normal(ks[2], (2, 1000, 2, 32), jnp.bfloat16)
     o = causal_attention(q, k, v)                              # [2, 1000, 4, 32] bf16, blocked
     o_swa = causal_attention(q, k, v, window=64)               # sliding window: O(T (W + B)) work
+    o_k = causal_attention(q[:, :40], k[:, :40], v[:, :40], impl="interpret")   # the Pallas kernels, on CPU
 """
 
 from __future__ import annotations
