@@ -120,6 +120,32 @@ def test_band_geometry():
     assert scout.query_range(0, 16, 64) == (10, 64) and scout.query_range(16, 16, 64) == (64, 64)
 
 
+@pytest.mark.parametrize("stride,offset,window", [(1, 0, 0), (1, 0, 5), (1, 0, 40), (3, 3, 0), (7, 7, 0)])
+def test_block_ranges_are_exactly_the_blocks_with_a_visible_pair(stride, offset, window):
+    """Against brute force over every (row, key) pair: each query block's key-block range and each key block's
+    query-block range contain every block with a visible pair and start and end on one (none skipped, none spare);
+    the TPU bands are the widest ranges."""
+    for length_q, bq, bk in ((70, 16, 16), (64, 32, 16), (37, 16, 32)):
+        num_keys = length_q if stride == 1 else length_q // stride
+        length_k = tiles.round_up(max(num_keys, 1), bk)
+        geo = pallas.Geometry(num_keys=num_keys, stride=stride, offset=offset, window=window)
+        t, j = np.arange(length_q)[:, None], np.arange(length_k)[None, :]
+        kpos = j * stride + offset
+        vis = (kpos <= t) & (j < num_keys) & ((t - kpos < window) if window else True)
+        q_pad = tiles.round_up(length_q, bq)
+        vis = np.pad(vis, ((0, q_pad - length_q), (0, 0)))  # padded rows: not checked, need no block
+        blocks = vis.reshape(q_pad // bq, bq, length_k // bk, bk).any(axis=(1, 3))  # [query block, key block]
+        for i, row in enumerate(blocks):
+            lo, hi = geo.key_blocks(i * bq, bq, bk)
+            want = np.flatnonzero(row)
+            assert (lo, hi) == ((want[0], want[-1] + 1) if want.size else (lo, lo)), (i, lo, hi, want)
+        for jb, col in enumerate(blocks.T):
+            lo, hi = geo.query_blocks(jb * bk, bk, bq, length_q)
+            want = np.flatnonzero(col)
+            assert (lo, hi) == ((want[0], want[-1] + 1) if want.size else (lo, lo)), (jb, lo, hi, want)
+        assert geo.key_band(q_pad, bq, bk) == max(int(np.ptp(np.flatnonzero(r))) + 1 for r in blocks if r.any())
+
+
 @pytest.mark.parametrize("op", ["causal", "segment"])
 def test_gradient_holds_no_score_matrix(op):
     """Forward + backward of the kernels (traced for a GPU target, not run) never materialise the [T, T] scores
