@@ -1,11 +1,11 @@
 """Pallas backward kernels for chunked gated linear attention, with state recomputation.
 
-The forward (``pallas.gla_fwd``) saves nothing but its inputs and final state. The backward runs two kernels:
+The forward (``pallas.gla_fwd``) saves nothing but its inputs and final state. The backward runs:
 
 1. ``gla_states``: the forward recurrence again, chunk by chunk (float32), writing the state *before* every
    chunk (``S_n``, ``[B, H, N, K, V]``; only the ``k``/``v`` state update, no outputs) in the matmul dtype: the
    backward reads it only as a matmul operand (``do S^T``), which the forward rounds to that dtype too;
-2. ``gla_bwd``: the reverse recurrence. Walking the chunks backwards with ``dS`` (the gradient w.r.t. the state
+2. ``gla_bwd`` (and ``gla_bwd_dv`` on GPU): the reverse recurrence. Walking the chunks backwards with ``dS`` (the gradient w.r.t. the state
    after the chunk; ``dS = d final_state`` before the last chunk) it computes, for chunk ``n`` with rows ``i, j``,
    the within-chunk cumulative log-decay ``G``, ``q`` already scaled, document masks as in the forward::
 
@@ -27,15 +27,22 @@ gradients::
 (a segmented reverse cumulative sum, done in jnp on ``[B, T, H, K]``). It is a difference of terms that cancel
 when decays are strong; its float error scales with those terms.
 
-Layout and tiles are the forward's (``pallas.BlockSizes``): grid ``(B, H, V // block_v)``, plus a sequential
-chunk axis on TPU. A program owns one ``block_v`` slice of the value columns, so ``dq`` and ``dk`` (sums over all
-value columns) come out per value block, ``[B, H, V // block_v, T, K]`` float32, and are summed in the wrapper
-(one block on TPU by default).
+Layout and tiles are the forward's (``pallas.BlockSizes``). ``dq``/``dk`` rows sum over all value columns and
+``dv`` rows over all key columns, while the state recurrence is elementwise in both:
 
-* GPU (Triton): one program walks all chunks of its row in a ``fori_loop`` (forward for ``gla_states``, backward
-  for ``gla_bwd``) over whole-sequence refs, ``dS`` carried in the loop.
-* TPU (Mosaic): the chunk is a fourth, "arbitrary" grid axis; ``gla_bwd``'s index maps visit the chunks in
-  reverse (``N - 1 - c``) and ``dS`` lives in VMEM scratch, so VMEM holds one chunk whatever ``T``.
+* GPU (Triton): ``gla_bwd`` programs ``(B, H, K // block_k)`` (``block_k = block_v``) hold a key block and all
+  values and write complete ``dq``, ``dk`` and ``d initial_state`` rows; ``gla_bwd_dv`` programs
+  ``(B, H, V // block_v)`` hold all keys and a value block and write ``dv`` (running the cheap ``dS`` recurrence
+  again; it needs no chunk states). Each walks all chunks of its row in a reverse ``fori_loop`` over
+  whole-sequence refs, ``dS`` carried in the loop; ``gla_states`` walks them forwards. No partial sums.
+* TPU (Mosaic): one ``gla_bwd`` over ``(B, H, V // block_v)`` and a fourth, "arbitrary" chunk axis whose index
+  maps visit the chunks in reverse (``N - 1 - c``), ``dS`` in VMEM scratch, so VMEM holds one chunk whatever
+  ``T``. The default ``block_v`` is all of ``V`` (one value block); with smaller ones ``dq``/``dk`` come out per
+  value block, ``[B, H, V // block_v, T, K]`` float32, summed in the wrapper.
+
+Transient HBM of the backward at ``sse_h_2b``'s GLA (8 heads, T = 4096, K = V = 256, chunk 64, bf16, one
+sequence): chunk states 64 MiB (bf16), ``dq``/``dk`` float32 64 MiB, against the ~1.6 GiB that autodiff of the
+chunked jnp form saves (what the earlier backward, ``jax.vjp`` of that form, materialised).
 
 Status: run on CPU by the Pallas interpreter and lowered for Triton and Mosaic in the tests; not compiled or run
 on an accelerator here.
@@ -80,10 +87,15 @@ def _state_update(k_ref, v_ref, cum_ref, doc_ref, state, carry, base, *, chunk, 
 
 
 def _bwd_chunk(q_ref, k_ref, v_ref, cum_ref, doc_ref, do_ref, dq_ref, dk_ref, dv_ref, state, dnext, carry,
-               doc_prev, base, *, scale, chunk, sub, mm_dtype):
+               doc_prev, base, *, scale, chunk, sub, mm_dtype, want_dqk=True, want_dv=True):
     """Gradients of the chunk at row ``base``: writes its ``dq`` (w.r.t. the scaled q), ``dk``, ``dv`` rows,
     returns ``dS`` before the chunk. ``state`` ``[K, bv]`` is the state before the chunk, ``dnext`` the gradient
-    w.r.t. the state after it, ``carry`` ``[K, 1]`` the chunk's state decay, ``doc_prev`` ``[1, 1]``."""
+    w.r.t. the state after it, ``carry`` ``[K, 1]`` the chunk's state decay, ``doc_prev`` ``[1, 1]``.
+
+    ``dq``/``dk`` rows sum over the value columns the refs hold, ``dv`` rows over the key columns, so a program
+    holding all of one and a block of the other computes only the gradients that are complete for it:
+    ``want_dqk`` (key block, all values: ``dq``, ``dk``) and ``want_dv`` (value block, all keys: ``dv``; no
+    ``state`` needed). The state gradient ``[K, bv]`` is elementwise in both and comes out of either."""
     f32 = jnp.float32
     n_sub = chunk // sub
     rows = jax.lax.broadcasted_iota(jnp.int32, (sub, 1), 0)  # [c, 1]
@@ -105,12 +117,14 @@ def _bwd_chunk(q_ref, k_ref, v_ref, cum_ref, doc_ref, do_ref, dq_ref, dk_ref, dv
         # The state before the chunk (read by q) and the state after it (written by k, v).
         m_in = x["doc"] == doc_prev  # [c, 1]
         e_in = jnp.exp(x["cum"])  # [c, K]
-        dq[i_sub] = jnp.where(m_in, e_in * dot(x["do"], state, ((1,), (1,))), 0.0)  # [c, K]
         d_state = d_state + dot(jnp.where(m_in, x["q"] * e_in, 0.0), x["do"], ((0,), (0,)))  # [K, bv]
         m_up = x["doc"] == doc_last
         e_up = jnp.exp(cum_last - x["cum"])  # [c, K]
-        dk[i_sub] = jnp.where(m_up, e_up * dot(x["v"], dnext, ((1,), (1,))), 0.0)  # [c, K]
-        dv[i_sub] = dot(jnp.where(m_up, x["k"] * e_up, 0.0), dnext, ((1,), (0,)))  # [c, bv]
+        if want_dqk:
+            dq[i_sub] = jnp.where(m_in, e_in * dot(x["do"], state, ((1,), (1,))), 0.0)  # [c, K]
+            dk[i_sub] = jnp.where(m_up, e_up * dot(x["v"], dnext, ((1,), (1,))), 0.0)  # [c, K]
+        if want_dv:
+            dv[i_sub] = dot(jnp.where(m_up, x["k"] * e_up, 0.0), dnext, ((1,), (0,)))  # [c, bv]
 
     for i_sub, x in enumerate(subs):
         # Earlier sub-chunks J < I, referenced at r = the row before I.
@@ -126,42 +140,56 @@ def _bwd_chunk(q_ref, k_ref, v_ref, cum_ref, doc_ref, do_ref, dq_ref, dk_ref, dv
                 m_k = y["doc"] == doc_r
                 e_k = jnp.exp(cum_r - y["cum"])  # [c, K]
                 k_off = jnp.where(m_k, y["k"] * e_k, 0.0)  # [c, K]
-                scores = dot(q_off, k_off, ((1,), (1,)))  # [c(i), c(j)]
-                d_scores = dot(x["do"], y["v"], ((1,), (1,)))  # [c(i), c(j)]
-                dq_off = dq_off + dot(d_scores, k_off, ((1,), (0,)))  # [c, K]
-                dk[j_sub] = dk[j_sub] + jnp.where(m_k, e_k * dot(d_scores, q_off, ((0,), (0,))), 0.0)
-                dv[j_sub] = dv[j_sub] + dot(scores, x["do"], ((0,), (0,)))  # [c, bv]
-            dq[i_sub] = dq[i_sub] + jnp.where(m_q, e_q * dq_off, 0.0)
+                if want_dqk:
+                    d_scores = dot(x["do"], y["v"], ((1,), (1,)))  # [c(i), c(j)]
+                    dq_off = dq_off + dot(d_scores, k_off, ((1,), (0,)))  # [c, K]
+                    dk[j_sub] = dk[j_sub] + jnp.where(m_k, e_k * dot(d_scores, q_off, ((0,), (0,))), 0.0)
+                if want_dv:
+                    scores = dot(q_off, k_off, ((1,), (1,)))  # [c(i), c(j)]
+                    dv[j_sub] = dv[j_sub] + dot(scores, x["do"], ((0,), (0,)))  # [c, bv]
+            if want_dqk:
+                dq[i_sub] = dq[i_sub] + jnp.where(m_q, e_q * dq_off, 0.0)
 
         # Inside sub-chunk I: one key row j at a time.
         do_i = x["do"].astype(f32)
 
         def column(j, acc, s_i=x["s"], q_i=x["q"], cum_i=x["cum"], doc_i=x["doc"], do_i=do_i):
-            dq_a, dk_a, dv_a = acc
             k_j = _rows(k_ref, s_i + j, 1).astype(f32)  # [1, K]
             v_j = _rows(v_ref, s_i + j, 1).astype(f32)  # [1, bv]
             cum_j = _rows(cum_ref, s_i + j, 1)  # [1, K]
             doc_j = _rows(doc_ref, s_i + j, 1)  # [1, 1]
             decay = jnp.exp(jnp.minimum(cum_i - cum_j, 0.0))  # [c, K]
             keep = (rows >= j) & (doc_i == doc_j)  # [c, 1]
-            a = jnp.where(keep, jnp.sum(q_i * k_j * decay, axis=1, keepdims=True), 0.0)  # [c, 1]  A[:, j]
-            da = jnp.where(keep, jnp.sum(do_i * v_j, axis=1, keepdims=True), 0.0)  # [c, 1]  dA[:, j]
-            dq_a = dq_a + da * k_j * decay
-            dk_row = jnp.sum(da * q_i * decay, axis=0, keepdims=True)  # [1, K]
-            dv_row = jnp.sum(a * do_i, axis=0, keepdims=True)  # [1, bv]
             here = rows == j
-            return dq_a, dk_a + jnp.where(here, dk_row, 0.0), dv_a + jnp.where(here, dv_row, 0.0)
+            out = []
+            if want_dqk:
+                dq_a, dk_a = acc[0], acc[1]
+                da = jnp.where(keep, jnp.sum(do_i * v_j, axis=1, keepdims=True), 0.0)  # [c, 1]  dA[:, j]
+                dk_row = jnp.sum(da * q_i * decay, axis=0, keepdims=True)  # [1, K]
+                out += [dq_a + da * k_j * decay, dk_a + jnp.where(here, dk_row, 0.0)]
+            if want_dv:
+                a = jnp.where(keep, jnp.sum(q_i * k_j * decay, axis=1, keepdims=True), 0.0)  # [c, 1]  A[:, j]
+                dv_row = jnp.sum(a * do_i, axis=0, keepdims=True)  # [1, bv]
+                out.append(acc[-1] + jnp.where(here, dv_row, 0.0))
+            return tuple(out)
 
-        dq[i_sub], dk[i_sub], dv[i_sub] = jax.lax.fori_loop(0, sub, column, (dq[i_sub], dk[i_sub], dv[i_sub]))
+        init = ((dq[i_sub], dk[i_sub]) if want_dqk else ()) + ((dv[i_sub],) if want_dv else ())
+        res = jax.lax.fori_loop(0, sub, column, init)
+        if want_dqk:
+            dq[i_sub], dk[i_sub] = res[0], res[1]
+        if want_dv:
+            dv[i_sub] = res[-1]
 
     for i_sub, x in enumerate(subs):
-        dq_ref[pl.ds(x["s"], sub), :] = dq[i_sub].astype(dq_ref.dtype)
-        dk_ref[pl.ds(x["s"], sub), :] = dk[i_sub].astype(dk_ref.dtype)
-        dv_ref[pl.ds(x["s"], sub), :] = dv[i_sub].astype(dv_ref.dtype)
+        if want_dqk:
+            dq_ref[pl.ds(x["s"], sub), :] = dq[i_sub].astype(dq_ref.dtype)
+            dk_ref[pl.ds(x["s"], sub), :] = dk[i_sub].astype(dk_ref.dtype)
+        if want_dv:
+            dv_ref[pl.ds(x["s"], sub), :] = dv[i_sub].astype(dv_ref.dtype)
     return d_state
 
 
-# ---- GPU (Triton): one program per (batch, head, value block), a loop over chunks ------------------------------
+# ---- GPU (Triton): one program per (batch, head, key or value block), a loop over chunks ----------------------
 
 def _states_kernel_gpu(k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref, states_ref, *, chunk, sub, num_chunks,
                        mm_dtype):
@@ -177,21 +205,42 @@ def _states_kernel_gpu(k_ref, v_ref, cum_ref, doc_ref, carry_ref, h0_ref, states
     jax.lax.fori_loop(0, num_chunks, body, h0_ref[...].astype(jnp.float32))
 
 
-def _bwd_kernel_gpu(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, states_ref, do_ref, dht_ref,  # inputs
-                    dq_ref, dk_ref, dv_ref, dh0_ref,  # outputs
-                    *, scale, chunk, sub, num_chunks, mm_dtype):
+def _bwd_dqk_kernel_gpu(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, states_ref, do_ref, dht_ref,  # inputs
+                        dq_ref, dk_ref, dh0_ref,  # outputs
+                        *, scale, chunk, sub, num_chunks, k_pad, mm_dtype):
+    """``gla_bwd`` on GPU: program (batch, head, key block) with all value columns: ``dq``, ``dk`` (complete: no
+    partial sums over value blocks) and the ``[block_k, V]`` rows of ``dS`` / ``d initial_state``. Refs: q/k/cum
+    ``[T_pad, block_k]``, v/do ``[T_pad, V_pad]``, carry ``[N * K_pad, 1]``, states ``[N * K_pad, V_pad]``."""
+    block_k = q_ref.shape[-1]
+    k_off = pl.program_id(2) * block_k
+
+    def body(i, d_state):
+        ci = num_chunks - 1 - i
+        base = pl.multiple_of(ci * chunk, chunk)
+        row = pl.multiple_of(ci * k_pad + k_off, block_k)
+        doc_prev = _rows(doc_ref, jnp.maximum(base - 1, 0), 1)  # [1, 1] (doc of pos -1 is 0)
+        return _bwd_chunk(q_ref, k_ref, v_ref, cum_ref, doc_ref, do_ref, dq_ref, dk_ref, None,
+                          _rows(states_ref, row, block_k), d_state, _rows(carry_ref, row, block_k), doc_prev, base,
+                          scale=scale, chunk=chunk, sub=sub, mm_dtype=mm_dtype, want_dv=False)
+
+    dh0_ref[...] = jax.lax.fori_loop(0, num_chunks, body, dht_ref[...].astype(jnp.float32))
+
+
+def _bwd_dv_kernel_gpu(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, do_ref, dht_ref, dv_ref,
+                       *, scale, chunk, sub, num_chunks, mm_dtype):
+    """``gla_bwd_dv`` on GPU: program (batch, head, value block) with all key columns: ``dv`` (the reverse state
+    recurrence again, ``[K, block_v]``; the chunk states are not needed). Refs as the forward's."""
     k_pad = q_ref.shape[-1]
 
     def body(i, d_state):
         ci = num_chunks - 1 - i
         base = pl.multiple_of(ci * chunk, chunk)
-        row = pl.multiple_of(ci * k_pad, k_pad)
-        doc_prev = _rows(doc_ref, jnp.maximum(base - 1, 0), 1)  # [1, 1] (doc of pos -1 is 0)
-        return _bwd_chunk(q_ref, k_ref, v_ref, cum_ref, doc_ref, do_ref, dq_ref, dk_ref, dv_ref,
-                          _rows(states_ref, row, k_pad), d_state, _rows(carry_ref, row, k_pad), doc_prev, base,
-                          scale=scale, chunk=chunk, sub=sub, mm_dtype=mm_dtype)
+        doc_prev = _rows(doc_ref, jnp.maximum(base - 1, 0), 1)
+        return _bwd_chunk(q_ref, k_ref, v_ref, cum_ref, doc_ref, do_ref, None, None, dv_ref, None, d_state,
+                          _rows(carry_ref, pl.multiple_of(ci * k_pad, k_pad), k_pad), doc_prev, base,
+                          scale=scale, chunk=chunk, sub=sub, mm_dtype=mm_dtype, want_dqk=False)
 
-    dh0_ref[...] = jax.lax.fori_loop(0, num_chunks, body, dht_ref[...].astype(jnp.float32))
+    jax.lax.fori_loop(0, num_chunks, body, dht_ref[...].astype(jnp.float32))
 
 
 # ---- TPU (Mosaic): a sequential chunk grid axis, the state / its gradient in VMEM scratch ------------------------
@@ -231,10 +280,11 @@ def _bwd_kernel_tpu(q_ref, k_ref, v_ref, cum_ref, doc_ref, carry_ref, docprev_re
 # ---- footprints ------------------------------------------------------------------------------------------------
 
 def footprints(platform: str, k_dim: int, v_dim: int, dtype, chunk_size: int,
-               block_sizes: BlockSizes) -> tuple[tiles.Footprint, tiles.Footprint]:
-    """On-chip bytes of one program of ``gla_states`` and ``gla_bwd`` (``kernels.tiles``): TPU from the
-    BlockSpecs of ``gla_bwd`` below and the per-sub-chunk values the chunk keeps live; GPU from the dot operand
-    tiles of one sub-chunk step and the live values (state, its gradient, the chunk's rows and their gradients).
+               block_sizes: BlockSizes) -> tuple[tiles.Footprint, ...]:
+    """On-chip bytes of one program of each backward kernel (``kernels.tiles``): ``(gla_states, gla_bwd)`` on
+    TPU, from the BlockSpecs below and the per-sub-chunk values a chunk keeps live; ``(gla_states, gla_bwd,
+    gla_bwd_dv)`` on GPU, from the dot operand tiles of one sub-chunk step and the live values (state, its
+    gradient, the chunk's rows and their gradients).
     """
     chunk = int(chunk_size)
     sub = block_sizes.sub_chunk if chunk % block_sizes.sub_chunk == 0 else chunk
@@ -261,11 +311,15 @@ def footprints(platform: str, k_dim: int, v_dim: int, dtype, chunk_size: int,
     states = tiles.gpu_footprint(
         "gla_states", [((sub, k_pad), dtype), ((sub, bv), dtype)],
         live=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * 2)
+    bk = min(bv, k_pad)  # gla_bwd: a key block with all value columns
     bwd = tiles.gpu_footprint(
-        "gla_bwd", [((sub, bv), dtype), ((k_pad, bv), dtype), ((sub, k_pad), dtype), ((sub, sub), dtype),
-                    ((sub, bv), dtype)],
-        live=[((k_pad, bv), f32)] * 3 + [((sub, k_pad), f32)] * (5 * n_sub) + [((sub, bv), f32)] * (3 * n_sub))
-    return states, bwd
+        "gla_bwd", [((sub, v_pad), dtype), ((bk, v_pad), dtype), ((sub, bk), dtype), ((sub, sub), dtype),
+                    ((sub, v_pad), dtype)],
+        live=[((bk, v_pad), f32)] * 3 + [((sub, bk), f32)] * (5 * n_sub) + [((sub, v_pad), f32)] * (2 * n_sub))
+    bwd_dv = tiles.gpu_footprint(
+        "gla_bwd_dv", [((sub, k_pad), dtype), ((k_pad, bv), dtype), ((sub, sub), dtype), ((sub, bv), dtype)],
+        live=[((k_pad, bv), f32)] * 2 + [((sub, k_pad), f32)] * (3 * n_sub) + [((sub, bv), f32)] * (2 * n_sub))
+    return states, bwd, bwd_dv
 
 
 def segment_reverse_cumsum(x: jax.Array, doc: jax.Array) -> jax.Array:
@@ -312,10 +366,11 @@ def gla_bwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
     do_t = to_kernel_layout(d_out.astype(q.dtype), t_pad, v_pad)
     dht = jnp.pad(d_final.astype(f32), ((0, 0), (0, 0), (0, k_pad - k_dim), (0, v_pad - v_dim)))
 
-    fp_states, fp_bwd = footprints(platform, k_dim, v_dim, q.dtype, chunk, block_sizes)
+    fps = footprints(platform, k_dim, v_dim, q.dtype, chunk, block_sizes)
+    fp_states, fp_bwd, fp_dv = fps[0], fps[1], fps[-1]
     if not interpret:
-        tiles.require_fit(fp_states)
-        tiles.require_fit(fp_bwd)
+        for fp in fps:
+            tiles.require_fit(fp)
     out_shapes = [jax.ShapeDtypeStruct((batch, heads, n_vb, t_pad, k_pad), f32)] * 2 + [
         jax.ShapeDtypeStruct((batch, heads, t_pad, v_pad), v.dtype),  # dv: whole per program, no partial sums
         jax.ShapeDtypeStruct((batch, heads, k_pad, v_pad), f32)]
@@ -383,17 +438,32 @@ def gla_bwd(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, initial_stat
             compiler_params=tiles.compiler_params(platform, interpret, footprint=fp_states),
             name="gla_states",
         )(k_t, v_t, cum_t, doc_t, carry_r, h0)
-        seq_dk = pl.BlockSpec((None, None, None, t_pad, k_pad), lambda b, h, j: (b, h, j, 0, 0))
-        dq_p, dk_p, dv_t, dh0 = pl.pallas_call(
-            functools.partial(_bwd_kernel_gpu, scale=float(scale), num_chunks=num_chunks, **kw),
-            grid=(batch, heads, n_vb),
-            in_specs=[seq_k, seq_k, seq_v, seq_k, seq_doc, seq_carry, seq_states, seq_v, st],
-            out_specs=[seq_dk, seq_dk, seq_v, st],
-            out_shape=out_shapes,
+        block_k = min(block_v, k_pad)  # key block of gla_bwd (dq, dk): the value block's size
+        kb = lambda width: pl.BlockSpec((None, None, t_pad, width), lambda b, h, j: (b, h, 0, j))  # noqa: E731
+        dq_p, dk_p, dh0 = pl.pallas_call(
+            functools.partial(_bwd_dqk_kernel_gpu, scale=float(scale), num_chunks=num_chunks, k_pad=k_pad, **kw),
+            grid=(batch, heads, k_pad // block_k),
+            in_specs=[kb(block_k), kb(block_k), kb(v_pad), kb(block_k), seq_doc, seq_carry,
+                      pl.BlockSpec((None, None, num_chunks * k_pad, v_pad), lambda b, h, j: (b, h, 0, 0)),
+                      kb(v_pad), pl.BlockSpec((None, None, block_k, v_pad), lambda b, h, j: (b, h, j, 0))],
+            out_specs=[kb(block_k), kb(block_k), pl.BlockSpec((None, None, block_k, v_pad), lambda b, h, j: (b, h, j, 0))],
+            out_shape=[jax.ShapeDtypeStruct((batch, heads, t_pad, k_pad), f32)] * 2
+            + [jax.ShapeDtypeStruct((batch, heads, k_pad, v_pad), f32)],
             interpret=interpret,
             compiler_params=tiles.compiler_params(platform, interpret, footprint=fp_bwd),
             name="gla_bwd",
         )(q_t, k_t, v_t, cum_t, doc_t, carry_r, states, do_t, dht)
+        dq_p, dk_p = dq_p[:, :, None], dk_p[:, :, None]  # one (complete) partial
+        dv_t = pl.pallas_call(
+            functools.partial(_bwd_dv_kernel_gpu, scale=float(scale), num_chunks=num_chunks, **kw),
+            grid=(batch, heads, n_vb),
+            in_specs=[seq_k, seq_k, seq_v, seq_k, seq_doc, seq_carry, seq_v, st],
+            out_specs=seq_v,
+            out_shape=out_shapes[2],
+            interpret=interpret,
+            compiler_params=tiles.compiler_params(platform, interpret, footprint=fp_dv),
+            name="gla_bwd_dv",
+        )(q_t, k_t, v_t, cum_t, doc_t, carry_r, do_t, dht)
 
     def unprep(x, dim):  # [B, H, T_pad, D_pad] -> [B, T, H, D]
         return jnp.transpose(x, (0, 2, 1, 3))[:, :length, :, :dim]
