@@ -197,9 +197,10 @@ def build_step(cfg):
     return step, batch, shard, setup
 
 
-KERNEL_NAMES = ("gla_fwd", "gla_states", "gla_bwd", "sse_fwd", "mamba_selective_scan_fwd", "mamba_ssd_fwd",
-                "segment_attention_fwd", "segment_attention_bwd_dq", "segment_attention_bwd_dkdv", "moe_ffn_fwd",
-                "flash_attention_fwd", "flash_attention_dq", "flash_attention_dkdv")
+KERNEL_NAMES = ("gla_fwd", "gla_states", "gla_bwd", "gla_bwd_dv", "sse_fwd", "mamba_selective_scan_fwd",
+                "mamba_ssd_fwd", "segment_attention_fwd", "segment_attention_bwd_dq", "segment_attention_bwd_dkdv",
+                "moe_ffn_fwd_up", "moe_ffn_fwd_down", "flash_attention_fwd", "flash_attention_dq",
+                "flash_attention_dkdv")
 
 
 def kernels_in(text: str) -> dict[str, int]:

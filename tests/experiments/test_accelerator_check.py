@@ -58,3 +58,20 @@ def test_kernel_call_outside_shard_map_is_counted():
     f = jax.jit(functools.partial(segment_attention, segment_len=4, impl="pallas", target="gpu"))
     text = f.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
     assert ac.kernel_calls_outside_manual(text) == (1, 1)
+
+
+def test_every_pallas_kernel_name_is_counted():
+    """KERNEL_NAMES must name every pallas_call in kernels/ (a renamed or new kernel would go uncounted in the
+    lowering and train-step sections): literal names, and the flash kernels' f"{name}_fwd/_dq/_dkdv" for both
+    of their users (flash_attention, segment_attention_bwd)."""
+    import pathlib
+    import re
+    root = pathlib.Path(ac.__file__).resolve().parents[1] / "kernels"
+    names = set()
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        names |= set(re.findall(r'\bname="([a-z0-9_]+)"', text))
+    flash_users = {n for n in names if n.startswith("segment_attention_bwd")} | {"flash_attention"}
+    names -= flash_users
+    names |= {f"{u}_{s}" for u in flash_users for s in ("dq", "dkdv")} | {"flash_attention_fwd"}
+    assert names == set(ac.KERNEL_NAMES)
