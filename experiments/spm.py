@@ -140,11 +140,24 @@ def train_all(workdir: str, *, train: bool, multi: bool, dit_workdir: str, dit_s
     runs = {"dit": _existing(dit) if dit_workdir else _train(f"dit_shapes:steps={dit_steps}{rl}", dit),
             "judge": _train(f"judge_shapes:steps={judge_steps}{rl}", os.path.join(workdir, "judge"), train)}
     jobs = [("star", la) for la in la_values] + ([("blue", max(la_values))] if multi else [])
+    shape = "" if runlocal else dit_shape_args(dit)
     for concept, la in jobs:
         key = f"spm_{concept}_la{la:g}"
         runs[key] = _train(f"spm_shapes:init={dit},concept={concept},la={la},steps={spm_steps},"
-                           f"batch={spm_batch},rollout={sample_steps}{rl}", os.path.join(workdir, key), train)
+                           f"batch={spm_batch},rollout={sample_steps}{shape}{rl}", os.path.join(workdir, key),
+                           train)
     return runs
+
+
+def dit_shape_args(dit_workdir: str) -> str:
+    """``",patch=P,width=W,depth=D"`` of the DiT run (its config.json), so the SPM runs build the same DiT."""
+    path = os.path.join(dit_workdir, "config.json")
+    try:
+        with open(path) as f:
+            model = json.load(f)["model"]
+        return f",patch={int(model['patch'])},width={int(model['d_model'])},depth={int(model['depth'])}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"spm: cannot read the DiT's model shape from {path}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------- sampling

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from experiments import spm as spm_exp
@@ -43,3 +44,16 @@ def test_diffusion_run_resumes_after_a_kill(tmp_path):
     losses = lambda wd: [json.loads(l)["loss"] for l in open(os.path.join(wd, "metrics.jsonl"))  # noqa
                          if '"loss"' in l]
     assert losses(full) == losses(cut)
+
+
+def test_spm_runs_take_the_dit_runs_shape(tmp_path):
+    """A patch-2 DiT gets patch-2 SPM runs (the default spm_shapes is patch 4, whose tree would not match)."""
+    d = tmp_path / "dit"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model": {"patch": 2, "d_model": 96, "depth": 3}}))
+    args = spm_exp.dit_shape_args(str(d))
+    assert args == ",patch=2,width=96,depth=3"
+    c = configs.get(f"spm_shapes:init={d},concept=star{args}")
+    assert (c.model.patch, c.model.d_model, c.model.depth) == (2, 96, 3)
+    with pytest.raises(ValueError, match="cannot read the DiT's model shape"):
+        spm_exp.dit_shape_args(str(tmp_path / "missing"))
