@@ -71,6 +71,32 @@ blue-prompt samples ~20x more than others; the code's factor-sum combination alt
 the paper form (cross terms U_i D_j). "a green square" stays close to the original (MSE 0.002 paper form).
 What would be needed: a DiT that draws shapes (patch 2, more steps: the 64-token model was 3x slower per step
 here), and the note's 400-800 SPM steps.
+
+Second attempt, 2026-12-03 14:12-14:45, load ~2 (this job alone): that recipe, patch 2 (64 tokens), 4000 steps,
+and 400 SPM steps:
+  python -m experiments.train --config=dit_shapes:patch=2,steps=4000 --workdir=/work/runs/spm2/dit   # 24 min
+  python -m experiments.spm --workdir=/work/runs/spm2/exp --dit_workdir=/work/runs/spm2/dit --spm_steps=400 \
+      --spm_batch=2 --la=0,1000 --samples=16 --sample_steps=20     # SPMs 85 / 119 / 80 s, evaluation 125 s
+  (the judge run copied from the first attempt). Eval eps-MSE 0.0216 (0.038 before). The samples are now
+  single coherent blobs of the right colour, no longer patchworks of 4x4 blocks, but still not recognisable
+  shapes: judge shape accuracy 0.36 overall (chance 0.25), 0.17 on the 9 non-star prompts, and the judge calls
+  0.92 of star-prompt samples "star" (red/green/blue star 0.81 / 1.00 / 0.94). So erasure is STILL NOT
+  DEMONSTRABLE:
+| variant             | star rate (target) | other shape acc | other colour acc | other MSE | other Fréchet | target MSE |
+|---------------------|--------------------|-----------------|------------------|-----------|---------------|------------|
+| original            | 0.917              | 0.174           | 1.000            | 0         | 0             | 0          |
+| LA 1000, FT off     | 0.917              | 0.174           | 1.000            | 7.0e-5    | 0.31          | 5.1e-5     |
+| LA 1000, FT flat    | 0.917              | 0.174           | 1.000            | 6.4e-5    | 0.28          | 5.1e-5     |
+| LA 1000, FT mean    | 0.917              | 0.174           | 1.000            | 6.7e-5    | 0.29          | 5.1e-5     |
+| no LA, FT off       | 0.917              | 0.056           | 0.993            | 0.060     | 520           | 0.042      |
+| no LA, FT flat      | 0.917              | 0.056           | 0.993            | 0.055     | 448           | 0.042      |
+  With LA the star SPM now changes the target prompts' samples as little as the others' (MSE 5e-5 vs 7e-5):
+  against a model that draws no distinct star, the anchoring term wins and the adapter learns almost nothing;
+  without LA it repaints every prompt (~850x the alteration), as before. The multi-concept rows (star + blue)
+  alter non-target prompts by 6e-5 (paper form) to 9.5e-5 (factor sum) and leave "blue" at a 1.00 blue rate.
+  The next step is the data, not the SPM: at 16 x 16 with shapes of radius 3-5 px the judge itself is 100 %
+  accurate on clean images, but a 0.5M-parameter DiT at this budget does not render the shape boundary; a
+  larger image (32 x 32) or a larger DiT needs hours of this CPU or an accelerator.
 """
 
 from __future__ import annotations
