@@ -44,7 +44,7 @@ init=<the P=32 run>``, grad norm ~5 at the end) reach 0.956 (train loss 0.23), a
 from that 0.971 (7 min at load ~2): still short of 0.99, climbing ~0.015 per 1000 steps.
 Without it (fresh runs at P=16, batch 32): 0.055 after 2000 steps at lr 1e-2 (0.212 after 3000 at 3e-3,
 2026-11-29); d_model 128 with 4 heads of 32 (2x the step time) was no better after 500 steps (0.058 vs 0.055).
-So attention solves MQAR at P = 16 (>= 0.99) but not yet at P = 32 (0.971 after 5500 steps of curriculum)
+So attention solves MQAR at P = 16 (>= 0.99) but not yet at P = 32 (0.971 after 3500 steps at P = 32)
 or 64. GLA, SSE, a second
 seed and P=64 were not run (time), so the note's comparison is still not measured; the curriculum costs
 ~30 min of this CPU unloaded per attention chain (4 -> 64), GLA/SSE steps ~2-4x that, so the full grid
