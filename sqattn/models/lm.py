@@ -93,7 +93,9 @@ class LM(nnx.Module):
         ``block_pattern`` is identical the repetitions are scanned too (``sse_h_2b``: 3 x [5 S scanned, A]).
         The parameters keep their per-block layout (checkpoints, growth and adapters see the same tree); they
         are stacked inside the step, and gradients flow back to each block. Same function as the loop, to
-        rounding; it cuts compile time roughly by the number of repeats (see ``scan_blocks``).
+        rounding. It halves tracing, but on XLA:CPU it makes the XLA compile slower, not faster (XLA:CPU
+        already compiles identical kernels once; measured in ``experiments/profile_cpu.py``); it is meant for
+        deep models on TPU/GPU, where compile time grows with the unrolled depth (not measured here).
       moe: None (no MoE) or ``sqattn.moe.MoE`` kwargs plus ``every``/``layers`` choosing the blocks whose MLP
         it replaces (``sqattn.moe.moe_layer_indices``; e.g. ``every=2``: blocks 1, 3, ...).
     """
