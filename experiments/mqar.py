@@ -36,8 +36,8 @@ Measured 2026-12-03 (a 2-core CPU shared with other jobs, load average 1-9, nice
 sqattn/configs/mqar.py for step times and the recipe search. ``--models=attention --seeds=1`` (curriculum
 P4x1000 -> P16x2000 -> P32): held-out query accuracy P=4 0.985, P=16 0.996; P=32 0.845 after 400 steps
 (``--pairs=4,16,32 --steps=1000,2000,400``), 0.924 after the default 1000 (``--pairs=4,16,32
---steps=1000,2000,1000``, load 3.5-5.7, 569 s), 0.956 after 1000 more at lr 1e-3 and 0.971 after 1500
-more (trainer runs from it; see sqattn/configs/mqar.py). Not run (time): P=64, the other four models, a second seed.
+--steps=1000,2000,1000``, load 3.5-5.7, 569 s), 0.956 after 1000 more at lr 1e-3, 0.971 after 1500
+more and 0.977 after 2500 more (trainer runs from it; see sqattn/configs/mqar.py). Not run (time): P=64, the other four models, a second seed.
 """
 
 from __future__ import annotations

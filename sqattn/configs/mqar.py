@@ -41,10 +41,11 @@ sequences): P=4 (1000 steps, fresh) 0.985, then P=16 (2000 steps, from P=4) 0.99
 after 400 steps (0.741 at 250; not solved); the default 1000-step run (resumed 2026-12-03 from step 294)
 ends at 0.924, and 1000 more steps from it at lr 1e-3 (``mqar:mixer=attention,pairs=32,steps=1000,lr=0.001,
 init=<the P=32 run>``, grad norm ~5 at the end) reach 0.956 (train loss 0.23), and 1500 more at lr 1e-3
-from that 0.971 (7 min at load ~2): still short of 0.99, climbing ~0.015 per 1000 steps.
+from that 0.971 (7 min at load ~2), and 2500 more at lr 1e-3 from that 0.977 (9 min): still short of 0.99,
+and the climb is slowing (~0.015, then ~0.002 per 1000 steps).
 Without it (fresh runs at P=16, batch 32): 0.055 after 2000 steps at lr 1e-2 (0.212 after 3000 at 3e-3,
 2026-11-29); d_model 128 with 4 heads of 32 (2x the step time) was no better after 500 steps (0.058 vs 0.055).
-So attention solves MQAR at P = 16 (>= 0.99) but not yet at P = 32 (0.971 after 3500 steps at P = 32)
+So attention solves MQAR at P = 16 (>= 0.99) but not yet at P = 32 (0.977 after 6000 steps at P = 32)
 or 64. GLA, SSE, a second
 seed and P=64 were not run (time), so the note's comparison is still not measured; the curriculum costs
 ~30 min of this CPU unloaded per attention chain (4 -> 64), GLA/SSE steps ~2-4x that, so the full grid
