@@ -177,13 +177,12 @@ def train_all(workdir: str, *, train: bool, multi: bool, dit_workdir: str, dit_s
 
 def dit_shape_args(dit_workdir: str) -> str:
     """``",patch=P,width=W,depth=D"`` of the DiT run (its config.json), so the SPM runs build the same DiT."""
-    path = os.path.join(dit_workdir, "config.json")
+    from sqattn import sample as sample_lib
     try:
-        with open(path) as f:
-            model = json.load(f)["model"]
-        return f",patch={int(model['patch'])},width={int(model['d_model'])},depth={int(model['depth'])}"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"spm: cannot read the DiT's model shape from {path}: {e}") from e
+        model = sample_lib.load_config(dit_workdir).model
+        return f",patch={int(model.patch)},width={int(model.d_model)},depth={int(model.depth)}"
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"spm: cannot read the DiT's model shape from {dit_workdir}/config.json: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------- sampling

@@ -255,7 +255,7 @@ def scan_blocks(blocks: list, x, segment_ids, positions, *, remat: bool, period:
     split = [nnx.split(b) for b in blocks]
     graphdefs, states = [g for g, _ in split], [s for _, s in split]
     keys = [_block_key(g, s) for g, s in split]
-    n = len(blocks) // period if period else 0
+    n = len(blocks) // period
     if n > 1 and n * period == len(blocks) and all(keys[r * period:(r + 1) * period] == keys[:period]
                                                     for r in range(n)):
         per_rep = [_stack(states[j::period]) for j in range(period)]    # block j of every repetition

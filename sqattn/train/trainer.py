@@ -471,8 +471,9 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
             lower_s = time.perf_counter() - t0
             train_step = lowered.compile()
         compile_s = time.perf_counter() - t0
-    log.info("compiled the train step in %.2f s (trace + lower %.2f s, XLA %.2f s)", compile_s, lower_s,
-             compile_s - lower_s)
+    compiled_msg = (f"compiled the train step in {compile_s:.2f} s (trace + lower {lower_s:.2f} s, "
+                    f"XLA {compile_s - lower_s:.2f} s)")
+    log.info(compiled_msg)
 
     model_view = nnx.merge(setup.graphdef, setup.abstract_params)
     seq_len = int(getattr(train_ds, "seq_len", 1))
@@ -508,8 +509,7 @@ def _train(config, workdir: str, signals: _Signals, closers: list, *, stop_after
     bar = _progress(config.num_steps, start, progress and is_main)
     if bar is not None:
         closers.append(bar.close)
-        bar.write(f"compiled the train step in {compile_s:.2f} s (trace + lower {lower_s:.2f} s, "
-                  f"XLA {compile_s - lower_s:.2f} s)")
+        bar.write(compiled_msg)
     if is_main:
         writer.write_event({"step": start, "event": "compile", "train_step_s": round(compile_s, 3),
                             "trace_lower_s": round(lower_s, 3)})
