@@ -259,6 +259,51 @@ def throughput(runs: list[dict]) -> dict:
     return out
 
 
+SETTINGS = ("rows", "epochs", "batch", "data_dir")    # what makes two runs of one model comparable
+
+
+def _record_path(a: dict, lib: str, model: str, variant: str, seed: int) -> str:
+    return os.path.join(a["workdir"], "records", f"{lib}-{model}-{variant}-s{seed}.json")
+
+
+def _cached(a: dict, lib: str, model: str, variant: str, seed: int, fn) -> dict:
+    """One run's record, computed once: ``<workdir>/records/<lib>-<model>-<variant>-s<seed>.json``. A killed
+    benchmark re-run with the same flags skips every finished run (an unfinished trainer run resumes from its
+    checkpoint), and processes that split the grid by ``--variants``/``--archs``/``--peers`` share one workdir.
+    A record made with other settings (rows, epochs, batch, data) is an error, not silently mixed in."""
+    path = _record_path(a, lib, model, variant, seed)
+    want = {k: a[k] for k in SETTINGS}
+    if os.path.exists(path):
+        with open(path) as fh:
+            rec = json.load(fh)
+        if rec.get("settings") != want:
+            raise ValueError(f"{path} was made with settings {rec.get('settings')}, not {want}: use another "
+                             "--workdir or delete the record")
+        return rec
+    rec = dict(fn(), settings=want, load_avg_1m=os.getloadavg()[0])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(rec, fh)
+    os.replace(path + ".tmp", path)
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def collect(a: dict) -> list[dict]:
+    """Every record in the workdir made with this run's settings (including other processes' parts of the grid),
+    in a fixed order: seed, variant, ours before the peers."""
+    d = os.path.join(a["workdir"], "records")
+    want = {k: a[k] for k in SETTINGS}
+    recs = []
+    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(d, name)) as fh:
+                rec = json.load(fh)
+            if rec.get("settings") == want:
+                recs.append(rec)
+    return sorted(recs, key=lambda r: (r["seed"], r["variant"], r["lib"] != "sqattn", r["model"]))
+
+
 def run(a: dict) -> dict:
     os.makedirs(a["workdir"], exist_ok=True)
     archs = list(ALL_ARCHS) if a["archs"] == ["all"] else a["archs"]
@@ -277,18 +322,15 @@ def run(a: dict) -> dict:
         ctr_data.load_splits(d)
         i = ctr_data.split_info(d)
         info[variant] = {k: i[k] for k in ("alpha", "high_share", "ctr", "bayes_auc")}
-    runs: list[dict] = []
-    path = os.path.join(a["workdir"], "runs.jsonl")
     for seed in range(a["seeds"]):
         for variant in a["variants"]:
             for arch in archs:
-                runs.append(run_ours(arch, variant, seed, a, a["workdir"]))
-                print(json.dumps(runs[-1]), flush=True)
+                _cached(a, "sqattn", arch, variant, seed, lambda: run_ours(arch, variant, seed, a, a["workdir"]))
             for peer in peers:
-                runs.append(run_peer(peer, variant, seed, a))
-                print(json.dumps(runs[-1]), flush=True)
-            with open(path, "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in runs)
+                _cached(a, "deepctr-torch", peer, variant, seed, lambda: run_peer(peer, variant, seed, a))
+    runs = collect(a)
+    with open(os.path.join(a["workdir"], "runs.jsonl"), "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in runs)
     table = summarize(runs)
     result = dict(settings={k: v for k, v in a.items()}, data=info, peers_note=note, table=table,
                   throughput_rows_per_s=throughput(runs), runs=runs)

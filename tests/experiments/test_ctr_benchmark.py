@@ -42,3 +42,23 @@ def test_deepctr_cross_only_dcn_has_our_parameter_count(cross):
     assert sum(p.numel() for p in theirs.parameters()) - emb == ctr.non_embedding_params(ours)
     out = theirs(torch.as_tensor(np.array([[1, 2, 3], [0, 8, 0]], np.float32)))
     assert out.shape == (2, 1) and bool(torch.all((out > 0) & (out < 1)))
+
+
+def test_records_are_reused_and_settings_must_match(tmp_path):
+    a = dict(workdir=str(tmp_path), rows=1000, epochs=1, batch=64, data_dir="/d")
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return _run("sqattn", "fcn", 0, 0.7)
+
+    first = cb._cached(a, "sqattn", "fcn", "high", 0, fn)
+    again = cb._cached(a, "sqattn", "fcn", "high", 0, fn)
+    assert len(calls) == 1 and again == first
+    cb._cached(a, "deepctr-torch", "deepctr_dcn_matrix", "high", 0,
+                          lambda: _run("deepctr-torch", "deepctr_dcn_matrix", 0, 0.69))
+    assert [r["model"] for r in cb.collect(a)] == ["fcn", "deepctr_dcn_matrix"]
+    other = dict(a, rows=2000)
+    assert cb.collect(other) == []           # another size's records are not mixed in
+    with pytest.raises(ValueError, match="settings"):
+        cb._cached(dict(a, workdir=str(tmp_path), epochs=3), "sqattn", "fcn", "high", 0, fn)
