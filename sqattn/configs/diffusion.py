@@ -17,7 +17,8 @@ Commands (2 shared CPU cores; every run is resumable like any other):
   python -m experiments.train --config=spm_shapes:init=/tmp/dit,concept=star --workdir=/tmp/spm_star
   python -m experiments.spm --workdir=/tmp/spm_exp      # all of it, with the evaluation tables
 Args: ``kind``, ``steps``, ``batch``, ``width``, ``depth``, ``patch``, ``lr``, ``seed``, ``init`` (SPM source
-run), ``concept``, ``la`` (lambda), ``anchors``, ``rollout`` (S), ``runlocal``. Runtimes and results: experiments/spm.py.
+run), ``concept``, ``la`` (lambda), ``anchors``, ``rollout`` (S), ``minsnr`` (min-SNR gamma of the DiT's
+loss, 0 = off), ``runlocal``. Runtimes and results: experiments/spm.py.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def dit_model(width: int = 64, depth: int = 4, patch: int = 4) -> ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, kind="dit", steps=0, batch=0, width=64, depth=4, patch=4, lr=0.0, seed=0, init="",
-                  concept="star", la=1000.0, anchors=4, rollout=20, runlocal=False)
+                  concept="star", la=1000.0, anchors=4, rollout=20, minsnr=0.0, runlocal=False)
     if a.kind not in KINDS:
         raise ValueError(f"diffusion config: kind must be one of {KINDS}, got {a.kind!r}")
     c = base.base_config()
@@ -50,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         train_steps=1000,     # T of the forward process
         sample_steps=20,      # DDIM steps when sampling
         guidance=3.0,         # CFG scale when sampling
+        min_snr_gamma=a.minsnr,   # > 0: min-SNR-gamma weighted eps loss (0: the plain mean eps MSE)
     ))
     c.mesh.update(data=1, fsdp=1)          # < 1M parameters: one device
     c.log_every = 50

@@ -63,10 +63,24 @@ def add_noise(schedule: Schedule, x0: jax.Array, t: jax.Array, eps: jax.Array) -
     return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps
 
 
+def min_snr_weight(schedule: Schedule, t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-gamma weight of the eps loss (Hang et al. 2023): min(SNR_t, gamma) / SNR_t, SNR = ab / (1 - ab).
+
+    1 wherever SNR <= gamma (the noisy steps, where the global layout is decided), gamma / SNR below that, so
+    the nearly clean steps, whose eps error is the largest and says least about the image's content, stop
+    dominating the mean loss."""
+    if not gamma > 0:
+        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+    ab = schedule.alpha_bar(t)
+    snr = ab / jnp.maximum(1.0 - ab, 1e-12)
+    return jnp.minimum(snr, gamma) / snr
+
+
 def eps_loss(eps_fn, schedule: Schedule, x0: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-example eps-prediction MSE [b] and the timesteps drawn [b].
 
-    t ~ U{0..T-1}, eps ~ N(0, I); ``eps_fn(x_t, t) -> eps_hat``.
+    t ~ U{0..T-1}, eps ~ N(0, I); ``eps_fn(x_t, t) -> eps_hat``. (Weight it with ``min_snr_weight(t)`` for
+    min-SNR training.)
     """
     k_t, k_e = jax.random.split(rng)
     b = x0.shape[0]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sqattn.data import shapes
-from sqattn.diffusion.schedule import eps_loss, make_schedule
+from sqattn.diffusion.schedule import eps_loss, make_schedule, min_snr_weight
 
 
 def _shapes_datasets(config, shard_index: int, shard_count: int, *, captions: bool):
@@ -40,16 +40,21 @@ class DiffusionTask:
     """Text-conditioned eps-prediction (DDPM loss with uniform t) on the shapes world."""
 
     schedule = None
+    min_snr_gamma = 0.0
 
     def make_datasets(self, config, *, shard_index: int = 0, shard_count: int = 1):
         self.schedule = schedule_of(config)
+        self.min_snr_gamma = float(config.diffusion.get("min_snr_gamma", 0.0))
         return _shapes_datasets(config, shard_index, shard_count, captions=True)
 
     def loss_fn(self, model, batch, rng):
+        """Training loss: the eps MSE, min-SNR weighted when ``config.diffusion.min_snr_gamma`` > 0; the
+        reported ``eps_mse`` (and the eval loss) is always the unweighted MSE, comparable across recipes."""
         x0, tokens = batch["images"], batch["tokens"]
-        per, _ = eps_loss(lambda x, t: model(x, t, tokens), self.schedule, x0, rng)
-        loss = jnp.mean(per)
-        return loss, {"eps_mse": loss, "weight": jnp.asarray(x0.shape[0], jnp.float32)}
+        per, t = eps_loss(lambda x, t: model(x, t, tokens), self.schedule, x0, rng)
+        mse = jnp.mean(per)
+        loss = jnp.mean(per * min_snr_weight(self.schedule, t, self.min_snr_gamma)) if self.min_snr_gamma else mse
+        return loss, {"eps_mse": mse, "weight": jnp.asarray(x0.shape[0], jnp.float32)}
 
     def eval_metrics(self, sums: dict) -> dict:
         w = max(float(sums["weight"]), 1.0)

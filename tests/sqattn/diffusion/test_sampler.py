@@ -106,3 +106,33 @@ def test_eps_loss_is_zero_for_the_oracle():
     assert per.shape == (4,) and float(jnp.max(per)) == 0.0 and t.shape == (4,)
     per_zero, _ = eps_loss(lambda x, t: jnp.zeros_like(x), sched, x0, rng)
     assert_close(per_zero, jnp.mean(eps_true ** 2, axis=(1, 2, 3)), name="mse of zero prediction")
+
+
+def test_min_snr_weight_against_hand_values():
+    from sqattn.diffusion.schedule import Schedule, min_snr_weight
+    sched = Schedule(np.array([0.99, 0.9, 0.5, 0.1], np.float32))        # SNR 99, 9, 1, 1/9
+    w = np.asarray(min_snr_weight(sched, jnp.arange(4), 5.0))
+    np.testing.assert_allclose(w, [5 / 99, 5 / 9, 1.0, 1.0], rtol=1e-5)
+    with pytest.raises(ValueError, match="gamma"):
+        min_snr_weight(sched, jnp.arange(4), 0.0)
+
+
+def test_diffusion_task_weights_the_training_loss_but_reports_the_plain_mse():
+    from sqattn import configs
+    from sqattn.diffusion.schedule import min_snr_weight
+    from sqattn.diffusion.tasks import DiffusionTask
+    model = _tiny_dit()
+    batch = {"images": jax.random.uniform(jax.random.key(1), (6, 8, 8, 3), minval=-1, maxval=1),
+             "tokens": jnp.ones((6, 6), jnp.int32)}
+    rng = jax.random.key(5)
+    cfg = configs.get("dit_shapes:runlocal=True")
+    plain, weighted = DiffusionTask(), DiffusionTask()
+    plain.make_datasets(cfg)
+    cfg.diffusion.min_snr_gamma = 5.0
+    weighted.make_datasets(cfg)
+    lp, mp = plain.loss_fn(model, batch, rng)
+    lw, mw = weighted.loss_fn(model, batch, rng)
+    per, t = eps_loss(lambda x, t: model(x, t, batch["tokens"]), weighted.schedule, batch["images"], rng)
+    assert_close(lp, jnp.mean(per), name="plain loss")
+    assert_close(mw["eps_mse"], mp["eps_mse"], name="reported mse")
+    assert_close(lw, jnp.mean(per * min_snr_weight(weighted.schedule, t, 5.0)), name="weighted loss")
