@@ -57,6 +57,14 @@ def mesh_config() -> ml_collections.ConfigDict:
     ))
 
 
+# Settings added to a config family (not to the base config) after runs of it were saved, with the value those
+# runs implicitly used: resuming such a run compares its saved config as if it had them (flat dotted keys; a key
+# absent from both sides of a comparison, e.g. in another family's config, stays absent).
+ADDED_FAMILY_SETTINGS = {
+    "diffusion.min_snr_gamma": 0.0,      # 2026-12-03: min-SNR weighting of the DiT's loss (configs/diffusion.py)
+}
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = ""                  # set by configs.get

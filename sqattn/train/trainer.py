@@ -371,11 +371,24 @@ def _base_defaults() -> dict:
     return base.base_config().to_dict()
 
 
+def _resume_defaults(saved: dict, current: dict) -> dict:
+    """The base defaults, plus each later-added family setting whose family (``diffusion.`` of
+    ``diffusion.min_snr_gamma``) either config has."""
+    from sqattn.configs import base
+    defaults = workdir_lib.flatten(_base_defaults())
+    for key, val in base.ADDED_FAMILY_SETTINGS.items():
+        family = key.split(".")[0]
+        if family in saved or family in current:
+            defaults[key] = val
+    return defaults
+
+
 def _resume_check(saved_config: dict | None, config_json: dict, allow: bool) -> tuple[dict, dict]:
     """Compares the checkpoint's config with the one asked for; raises ``ConfigChangeError`` if refused."""
     if saved_config is None:
         return {}, {}
-    operational, altering = workdir_lib.config_changes(saved_config, config_json, defaults=_base_defaults())
+    operational, altering = workdir_lib.config_changes(saved_config, config_json,
+                                                       defaults=_resume_defaults(saved_config, config_json))
     model_keys = {k: v for k, v in altering.items() if k.startswith("model.") or k in ("model_name", "task")}
     if model_keys:        # never resumable: the checkpoint's arrays are another model's
         raise ckpt_lib.CheckpointError(

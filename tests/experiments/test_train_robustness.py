@@ -295,3 +295,20 @@ def test_sample_cli_on_a_corrupt_checkpoint_prints_one_line(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "CorruptCheckpointError" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_family_settings_added_later_resume_old_runs():
+    """A diffusion-family run saved before ``diffusion.min_snr_gamma`` existed resumes with today's config
+    (the default 0 it implicitly used); a real change of it, or the key in a config without that family, is not
+    silently filled in."""
+    from sqattn import configs
+    from sqattn.train import trainer
+    current = json.loads(configs.get("judge_shapes").to_json())
+    saved = json.loads(configs.get("judge_shapes").to_json())
+    del saved["diffusion"]["min_snr_gamma"]
+    assert trainer._resume_check(saved, current, allow=False) == ({}, {})
+    current["diffusion"]["min_snr_gamma"] = 5.0
+    with pytest.raises(workdir_lib.ConfigChangeError, match=r"diffusion.min_snr_gamma: 0.0 -> 5.0"):
+        trainer._resume_check(saved, current, allow=False)
+    lm = json.loads(configs.get("lm_tiny").to_json())
+    assert "diffusion.min_snr_gamma" not in trainer._resume_defaults(lm, lm)
