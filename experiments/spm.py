@@ -97,6 +97,24 @@ and 400 SPM steps:
   The next step is the data, not the SPM: at 16 x 16 with shapes of radius 3-5 px the judge itself is 100 %
   accurate on clean images, but a 0.5M-parameter DiT at this budget does not render the shape boundary; a
   larger image (32 x 32) or a larger DiT needs hours of this CPU or an accelerator.
+
+Third attempt, 2026-12-03 17:00-18:02 (the DiT shared the 2 cores with a CTR benchmark for ~45 min, load 4-6):
+the DiT's loss was dominated by the nearly clean timesteps (eps-MSE 0.06 at t = 50 vs 0.006 at t = 800), and its
+x0 prediction at t >= 700 was noise-shaped fragments rather than a blurred shape, so sampling committed to
+ragged layouts. Two changes: min-SNR-5 weighting of the eps loss (``dit_shapes:minsnr=5``) and batch 128
+(a DiT step on this CPU is overhead-bound: batch 32 / 128 / 256 gave 20 / 63 / 75 images/s in one process at
+load 5), continuing the patch-2 run above for 2000 steps at lr 1e-3:
+  python -m experiments.train --config=dit_shapes:patch=2,steps=2000,batch=128,minsnr=5,lr=0.001 \
+      --config.init.workdir=/work/runs/spm2/dit --workdir=/work/runs/spm3/dit          # 60 min at load 4-6
+  python -m experiments.spm --workdir=/work/runs/spm3/exp --dit_workdir=/work/runs/spm3/dit --spm_steps=400 \
+      --spm_batch=2 --la=1000 --nomulti --samples=16 --sample_steps=20                # SPM 400 steps + eval, 4 min
+  (judge copied from the first attempt). Eval eps-MSE 0.0192 (0.0216). The samples are now smooth, solid blobs
+  of the right colour (results_grid_original.png), and circles are drawn (judge: 0.81-0.94 "circle"), but
+  squares come out rounded, triangles small and stars speckled: judge shape accuracy 0.40 (circle 0.875,
+  square 0.21, triangle 0.15, star 0.375). Sampling settings do not rescue the previous model: its 0.36 (20
+  steps, CFG 3) was 0.35 with 50 steps, 0.28 / 0.40 at CFG 1 / 6, 0.375 with leading instead of trailing steps. Erasing "star" (LA 1000) moved the star
+  rate on the star prompts from 0.375 to 0.333 with alteration 7e-5 on them and 1.4e-4 elsewhere: still NO
+  demonstrable erasure. The DiT is on the right path but needs more training than this CPU gave it.
 """
 
 from __future__ import annotations
