@@ -24,12 +24,12 @@ Outputs ``<workdir>/results.json`` (every run, the table, the throughput compari
 the JSON. Non-embedding parameters exclude every embedding table (the LR terms' tables too).
 
 Measured 2026-12-03, the note's size (commit ce98916; 2-core CPU, no other agents; two benchmark processes,
-one per variant, at nice 5, plus for the last ~45 min a DiT run: load average 1.3-7.4, recorded per run in
+one per variant, at nice 5, plus for the last hour a DiT run: load average 1.3-7.4, recorded per run in
 ``records/*.json``):
 
   python -m experiments.ctr_benchmark --workdir=/work/runs/ctr300k --data_dir=/work/runs/ctr300k/data \
       --rows=300000 --epochs=3 --seeds=3 --archs=all --variants=low    # and --variants=high, in parallel
-  (2 h 05 min wall for both: 72 of our runs, 24 deepctr-torch runs)
+  (2 h 02 min wall for both: 72 of our runs, 24 deepctr-torch runs)
 
 Data: 300k rows (240k / 30k / 30k), 16 fields. Low-order: Bayes AUC (true probabilities) 0.773, CTR 0.175;
 high-order: the high-order terms carry 0.400 of the logit variance, Bayes AUC 0.821, CTR 0.175. Every model:
