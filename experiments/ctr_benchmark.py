@@ -290,6 +290,10 @@ def throughput(runs: list[dict]) -> dict:
 SETTINGS = ("rows", "epochs", "batch", "data_dir")    # what makes two runs of one model comparable
 
 
+def _settings(a: dict) -> dict:
+    return {k: a[k] for k in SETTINGS}
+
+
 def _record_path(a: dict, lib: str, model: str, variant: str, seed: int) -> str:
     return os.path.join(a["workdir"], "records", f"{lib}-{model}-{variant}-s{seed}.json")
 
@@ -300,7 +304,7 @@ def _cached(a: dict, lib: str, model: str, variant: str, seed: int, fn) -> dict:
     checkpoint), and processes that split the grid by ``--variants``/``--archs``/``--peers`` share one workdir.
     A record made with other settings (rows, epochs, batch, data) is an error, not silently mixed in."""
     path = _record_path(a, lib, model, variant, seed)
-    want = {k: a[k] for k in SETTINGS}
+    want = _settings(a)
     if os.path.exists(path):
         with open(path) as fh:
             rec = json.load(fh)
@@ -321,7 +325,7 @@ def collect(a: dict) -> list[dict]:
     """Every record in the workdir made with this run's settings (including other processes' parts of the grid),
     in a fixed order: seed, variant, ours before the peers."""
     d = os.path.join(a["workdir"], "records")
-    want = {k: a[k] for k in SETTINGS}
+    want = _settings(a)
     recs = []
     for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
         if name.endswith(".json"):

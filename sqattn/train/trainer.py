@@ -365,17 +365,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                 lock.release()
 
 
-def _base_defaults() -> dict:
-    """Every base setting's default: what a checkpoint written before a setting existed implicitly used."""
-    from sqattn.configs import base
-    return base.base_config().to_dict()
-
-
 def _resume_defaults(saved: dict, current: dict) -> dict:
-    """The base defaults, plus each later-added family setting whose family (``diffusion.`` of
-    ``diffusion.min_snr_gamma``) either config has."""
+    """What a checkpoint written before a setting existed implicitly used: every base setting's default, plus
+    each later-added family setting whose family (``diffusion.`` of ``diffusion.min_snr_gamma``) either config
+    has."""
     from sqattn.configs import base
-    defaults = workdir_lib.flatten(_base_defaults())
+    defaults = workdir_lib.flatten(base.base_config().to_dict())
     for key, val in base.ADDED_FAMILY_SETTINGS.items():
         family = key.split(".")[0]
         if family in saved or family in current:

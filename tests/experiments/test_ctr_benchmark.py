@@ -56,9 +56,9 @@ def test_records_are_reused_and_settings_must_match(tmp_path):
     again = cb._cached(a, "sqattn", "fcn", "high", 0, fn)
     assert len(calls) == 1 and again == first
     cb._cached(a, "deepctr-torch", "deepctr_dcn_matrix", "high", 0,
-                          lambda: _run("deepctr-torch", "deepctr_dcn_matrix", 0, 0.69))
+               lambda: _run("deepctr-torch", "deepctr_dcn_matrix", 0, 0.69))
     assert [r["model"] for r in cb.collect(a)] == ["fcn", "deepctr_dcn_matrix"]
     other = dict(a, rows=2000)
     assert cb.collect(other) == []           # another size's records are not mixed in
     with pytest.raises(ValueError, match="settings"):
-        cb._cached(dict(a, workdir=str(tmp_path), epochs=3), "sqattn", "fcn", "high", 0, fn)
+        cb._cached(dict(a, epochs=3), "sqattn", "fcn", "high", 0, fn)
