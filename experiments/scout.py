@@ -90,7 +90,10 @@ def define_flags() -> None:
     flags.DEFINE_list("recall_models", list(RECALL_MODELS), "Recall part: swa_only, full, scout_L<L>.")
     flags.DEFINE_integer("recall_steps", 2000, "Recall part: training steps per model and seed.")
     flags.DEFINE_float("recall_lr", 3e-3, "Recall part: peak learning rate.")
-    flags.DEFINE_list("seeds", ["0"], "Recall part: seeds (init and data); the table averages over them.")
+    flags.DEFINE_list("seeds", ["0"], "LM and recall parts: seeds (init and data); the tables average over them.")
+    flags.DEFINE_float("repeat_fraction", 0.0, "LM part: fraction of text rows that are one span twice (a "
+                       "long-range component; sqattn/data/text.py). 0 = plain text.")
+    flags.DEFINE_integer("lm_batch", 0, "LM part: batch size (0 = the config's 16).")
     flags.DEFINE_bool("progress", True, "Progress bars.")
 
 
@@ -102,19 +105,37 @@ FLAGS = flags.FLAGS
 # ----------------------------------------------------------------------------------------------------------
 
 
-def lm_config(model: str, *, steps: int, seq_len: int = 0, runlocal: bool = False):
-    """The ``sqattn.configs.scout`` config of one LM run (eval only at the end, one checkpoint)."""
+def lm_config(model: str, *, steps: int, seq_len: int = 0, runlocal: bool = False, seed: int = 0,
+              repeat_fraction: float = 0.0, batch: int = 0):
+    """The ``sqattn.configs.scout`` config of one LM run (eval only at the end, one checkpoint every 500 steps).
+
+    ``seed`` seeds the parameters and the train windows; ``repeat_fraction`` is the text source's long-range
+    component (that fraction of rows is one span twice, sqattn/data/text.py); ``batch`` 0 keeps the config's.
+    """
     import importlib
     mod = importlib.import_module("sqattn.configs.scout")
     cfg = mod.get_config(f"mixer={model},size=tiny" + (",runlocal" if runlocal else ""))
     cfg.name = f"scout:{model}"
     cfg.num_steps = steps
     cfg.eval_every = 0
-    cfg.checkpoint_every = max(steps, 1)
+    cfg.checkpoint_every = max(min(steps, 500), 1)
     cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps // 10, 1))
+    cfg.seed = seed
+    cfg.data.seed = seed
+    cfg.data.repeat_fraction = repeat_fraction
     if seq_len:
         cfg.data.seq_len = seq_len
+    if batch:
+        cfg.batch_size = batch
     return cfg
+
+
+def lm_run_name(model: str, *, steps: int, seq_len: int = 0, runlocal: bool = False, seed: int = 0,
+                repeat_fraction: float = 0.0, batch: int = 0) -> str:
+    """``runs/`` subdirectory of one LM run (settings at their defaults leave no suffix)."""
+    return (f"{model}_steps{steps}" + (f"_T{seq_len}" if seq_len else "") + (f"_b{batch}" if batch else "")
+            + (f"_repeat{repeat_fraction:g}" if repeat_fraction else "") + (f"_seed{seed}" if seed else "")
+            + ("_runlocal" if runlocal else ""))
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,40 +149,60 @@ def _position_nll_fn():
         logits, _ = model(inputs)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         tok = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [b, t]
-        return jnp.sum(tok * weights, axis=0), jnp.sum(weights, axis=0)  # [t], [t]
+        return tok * weights  # [b, t]
     return nll
 
 
 def position_bits_per_byte(model, cfg, *, long_from: int) -> dict[str, float]:
     """Eval bits/byte over all positions and over positions ``t >= long_from`` (same eval rows as the
-    trainer: ``cfg.eval_batches`` batches of the text source's eval split)."""
+    trainer: ``cfg.eval_batches`` batches of the text source's eval split).
+
+    With a long-range component (``cfg.data.repeat_fraction`` > 0) also: ``bpb_copy``, over the second copy of
+    the repeated rows (targets one span after their source, t + 1 >= span), and ``bpb_text_long``, over the
+    other rows at ``t >= long_from`` (plain text).
+    """
     import math
 
     import numpy as np
 
+    from sqattn.data import text
     from sqattn.train import tasks as tasks_lib
     task = tasks_lib.get_task(cfg.task)
     _, eval_ds = task.make_datasets(cfg)
     nll_fn = _position_nll_fn()
-    nll, weight = 0.0, 0.0
+    nlls, weights = [], []
     for i in range(cfg.eval_batches):
         batch = eval_ds.batch(i)
-        n, w = nll_fn(model, batch["inputs"], batch["targets"], batch["weights"].astype(np.float32))
-        nll, weight = nll + np.asarray(n, np.float64), weight + np.asarray(w, np.float64)
-    long = slice(long_from, None)
-    return {"bpb": float(nll.sum() / max(weight.sum(), 1.0) / math.log(2)),
-            "bpb_long": float(nll[long].sum() / max(weight[long].sum(), 1.0) / math.log(2)),
-            "eval_bytes": int(weight.sum()), "eval_bytes_long": int(weight[long].sum())}
+        w = batch["weights"].astype(np.float32)
+        nlls.append(np.asarray(nll_fn(model, batch["inputs"], batch["targets"], w), np.float64))
+        weights.append(w.astype(np.float64))
+    nll, weight = np.concatenate(nlls), np.concatenate(weights)  # [rows, t]
+
+    def bpb(mask) -> float:
+        return float((nll * mask).sum() / max((weight * mask).sum(), 1.0) / math.log(2))
+
+    t = np.arange(nll.shape[1])[None, :]
+    long = np.broadcast_to(t >= long_from, nll.shape)
+    out = {"bpb": bpb(1.0), "bpb_long": bpb(long),
+           "eval_bytes": int(weight.sum()), "eval_bytes_long": int((weight * long).sum())}
+    if float(cfg.data.get("repeat_fraction", 0.0)) > 0:
+        repeated = text.repeated_rows(cfg.data, nll.shape[0])[:, None]
+        copy = repeated & (t + 1 >= text.span_length(cfg.data.seq_len))
+        out.update(bpb_copy=bpb(copy), bpb_text_long=bpb(long & ~repeated), repeated_rows=int(repeated.sum()),
+                   eval_bytes_copy=int((weight * copy).sum()))
+    return out
 
 
-def lm_one(model: str, workdir: str, *, steps: int, seq_len: int = 0, runlocal: bool = False,
-           progress: bool = True) -> dict[str, Any]:
-    """Trains one LM (or loads its finished record) and evaluates it per position."""
+def lm_one(model: str, workdir: str, *, steps: int, seq_len: int = 0, runlocal: bool = False, seed: int = 0,
+           repeat_fraction: float = 0.0, batch: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Trains one LM (or loads its finished record; an unfinished one resumes) and evaluates it per position."""
     from sqattn import sample
     from sqattn.train import state as state_lib
     from sqattn.train import train_and_evaluate
-    cfg = lm_config(model, steps=steps, seq_len=seq_len, runlocal=runlocal)
-    run_dir = os.path.join(workdir, "runs", f"{model}_steps{steps}" + ("_runlocal" if runlocal else ""))
+    settings = dict(steps=steps, seq_len=seq_len, runlocal=runlocal, seed=seed, repeat_fraction=repeat_fraction,
+                    batch=batch)
+    cfg = lm_config(model, **settings)
+    run_dir = os.path.join(workdir, "runs", lm_run_name(model, **settings))
     done = os.path.join(run_dir, "result.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -174,10 +215,11 @@ def lm_one(model: str, workdir: str, *, steps: int, seq_len: int = 0, runlocal: 
     evals = position_bits_per_byte(trained, cfg, long_from=window)
     _, params = state_lib.abstract_model(cfg)
     rec = dict(model=model, label=LM_LABELS.get(model, model), block_pattern=cfg.model.block_pattern,
+               seed=seed, repeat_fraction=repeat_fraction, batch_size=int(cfg.batch_size),
                steps=int(out["step"]), train_loss=float(out["loss"]),
                trainer_eval_bpb=float(out["eval_bits_per_byte"]), window=window,
                segment_len=int(cfg.model.mixers.scout.segment_len), seq_len=int(cfg.data.seq_len),
-               params=state_lib.param_count(params), wall_s=wall, **evals)
+               params=state_lib.param_count(params), wall_s=wall, load_avg=list(os.getloadavg()), **evals)
     if not out["stopped_early"]:
         with open(done, "w") as f:
             json.dump(rec, f, indent=2)
@@ -280,13 +322,42 @@ def summarize_recall(records: Sequence[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+LM_METRICS = ("bpb", "bpb_long", "bpb_copy", "bpb_text_long")
+
+
+def summarize_lm(records: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """Per LM model (in record order): seeds, params, steps and the mean/std over seeds of each LM_METRICS
+    value the records carry."""
+    import statistics
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        out.setdefault(r["model"], {"label": r["label"], "params": r["params"], "steps": r["steps"], "runs": []})
+        out[r["model"]]["runs"].append(r)
+    for entry in out.values():
+        runs = entry.pop("runs")
+        entry["seeds"] = [r.get("seed", 0) for r in runs]
+        for m in LM_METRICS:
+            vals = [r[m] for r in runs if m in r]
+            if vals:
+                entry[m] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
+    return out
+
+
 def format_tables(results: dict[str, Any]) -> str:
     lines = []
     if results.get("lm"):
         w = results["lm"][0]["window"]
-        lines += [f"| LM model | params | steps | bits/byte | bits/byte t >= {w} |", "|---|---|---|---|---|"]
-        lines += [f"| {r['label']} | {r['params']:,} | {r['steps']} | {r['bpb']:.4f} | {r['bpb_long']:.4f} |"
-                  for r in results["lm"]]
+        summary = summarize_lm(results["lm"])
+        cols = [("bpb", "bits/byte"), ("bpb_long", f"t >= {w}"), ("bpb_copy", "repeated span (copy)"),
+                ("bpb_text_long", f"plain text t >= {w}")]
+        cols = [(m, name) for m, name in cols if any(m in e for e in summary.values())]
+        lines += ["| LM model | params | steps | seeds | " + " | ".join(n for _, n in cols) + " |",
+                  "|---|---|---|---|" + "---|" * len(cols)]
+        for e in summary.values():
+            cells = [f"{e[m]['mean']:.4f}" + (f" ± {e[m]['std']:.4f}" if len(e["seeds"]) > 1 else "")
+                     if m in e else "" for m, _ in cols]
+            lines.append(f"| {e['label']} | {e['params']:,} | {e['steps']} | {len(e['seeds'])} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     if results.get("recall_summary"):
         lines += ["| recall model | accuracy (chance 0.0625) | seeds |", "|---|---|---|"]
@@ -310,13 +381,19 @@ def plot(results: dict[str, Any], path: str) -> str:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     if results.get("lm"):
         recs = results["lm"]
-        x = np.arange(len(recs))
-        axes[0].bar(x - 0.2, [r["bpb"] for r in recs], 0.4, label="all positions")
-        axes[0].bar(x + 0.2, [r["bpb_long"] for r in recs], 0.4, label=f"t >= W ({recs[0]['window']})")
-        axes[0].set_xticks(x, [r["model"] for r in recs], rotation=20)
+        summary = summarize_lm(recs)
+        bars = [("bpb", "all positions"), ("bpb_long", f"t >= W ({recs[0]['window']})"),
+                ("bpb_copy", "repeated span"), ("bpb_text_long", "plain text, t >= W")]
+        bars = [(m, name) for m, name in bars if all(m in e for e in summary.values())]
+        x = np.arange(len(summary))
+        width = 0.8 / len(bars)
+        for i, (m, name) in enumerate(bars):
+            axes[0].bar(x + (i - (len(bars) - 1) / 2) * width, [e[m]["mean"] for e in summary.values()], width,
+                        yerr=[e[m]["std"] for e in summary.values()], label=name)
+        axes[0].set_xticks(x, list(summary), rotation=20)
         axes[0].set_ylabel("eval bits / byte")
-        axes[0].set_ylim(min(r["bpb_long"] for r in recs) * 0.9, max(r["bpb"] for r in recs) * 1.05)
-        axes[0].set_title(f"(a) byte LM, {recs[0]['steps']} steps")
+        axes[0].set_title(f"(a) byte LM, {recs[0]['steps']} steps, T={recs[0]['seq_len']}, "
+                          f"{max(len(e['seeds']) for e in summary.values())} seed(s)")
         axes[0].legend(fontsize=8)
     if results.get("recall_summary"):
         s = results["recall_summary"]
@@ -347,6 +424,7 @@ def plot(results: dict[str, Any], path: str) -> str:
 
 def run(workdir: str, *, parts: Sequence[str] = ("lm", "recall", "memory"),
         models: Sequence[str] = LM_MODELS, steps: int = 300, seq_len: int = 0, runlocal: bool = False,
+        repeat_fraction: float = 0.0, lm_batch: int = 0,
         recall_models: Sequence[str] = RECALL_MODELS, recall_steps: int = 2000, recall_lr: float = 3e-3,
         seeds: Sequence[int] = (0,), memory_lengths: Sequence[int] = MEMORY_LENGTHS,
         progress: bool = True) -> dict[str, Any]:
@@ -362,9 +440,11 @@ def run(workdir: str, *, parts: Sequence[str] = ("lm", "recall", "memory"),
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
     settings = dict(parts=list(parts), models=list(models), steps=steps, seq_len=seq_len, runlocal=runlocal,
+                    repeat_fraction=repeat_fraction, lm_batch=lm_batch,
                     recall_models=list(recall_models), recall_steps=recall_steps, recall_lr=recall_lr,
                     seeds=[int(s) for s in seeds], load_avg_start=list(os.getloadavg()))
-    results: dict[str, Any] = {"settings": settings, "lm": [], "recall": [], "recall_summary": {}, "memory": {}}
+    results: dict[str, Any] = {"settings": settings, "lm": [], "lm_summary": {}, "recall": [],
+                               "recall_summary": {}, "memory": {}}
 
     def write() -> dict[str, Any]:
         results["wall_s"] = time.perf_counter() - t0
@@ -378,11 +458,14 @@ def run(workdir: str, *, parts: Sequence[str] = ("lm", "recall", "memory"),
         results["memory"] = memory_table(memory_lengths)
     if "lm" in parts:
         for model in models:
-            rec = lm_one(model, workdir, steps=steps, seq_len=seq_len, runlocal=runlocal, progress=progress)
-            results["lm"].append(rec)
-            log.warning("lm %s: %.4f bits/byte, %.4f at t >= W (%.0f s)", model, rec["bpb"], rec["bpb_long"],
-                        rec["wall_s"])
-            write()
+            for seed in seeds:
+                rec = lm_one(model, workdir, steps=steps, seq_len=seq_len, runlocal=runlocal, seed=int(seed),
+                             repeat_fraction=repeat_fraction, batch=lm_batch, progress=progress)
+                results["lm"].append(rec)
+                results["lm_summary"] = summarize_lm(results["lm"])
+                log.warning("lm %s seed %d: %.4f bits/byte, %.4f at t >= W (%.0f s)", model, seed, rec["bpb"],
+                            rec["bpb_long"], rec["wall_s"])
+                write()
     if "recall" in parts:
         for name in recall_models:
             for seed in seeds:
@@ -401,7 +484,7 @@ def main(argv):
     from experiments import common
     common.quiet_logging()
     out = run(FLAGS.workdir, parts=FLAGS.parts, models=FLAGS.models, steps=FLAGS.steps, seq_len=FLAGS.seq_len,
-              runlocal=FLAGS.runlocal, recall_models=FLAGS.recall_models, recall_steps=FLAGS.recall_steps,
+              runlocal=FLAGS.runlocal, repeat_fraction=FLAGS.repeat_fraction, lm_batch=FLAGS.lm_batch, recall_models=FLAGS.recall_models, recall_steps=FLAGS.recall_steps,
               recall_lr=FLAGS.recall_lr, seeds=[int(s) for s in FLAGS.seeds], progress=FLAGS.progress)
     print(format_tables(out))
     print(json.dumps({k: v for k, v in out.items() if k not in ("recall",)}))

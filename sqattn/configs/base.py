@@ -62,6 +62,7 @@ def mesh_config() -> ml_collections.ConfigDict:
 # absent from both sides of a comparison, e.g. in another family's config, stays absent).
 ADDED_FAMILY_SETTINGS = {
     "diffusion.min_snr_gamma": 0.0,      # 2026-12-03: min-SNR weighting of the DiT's loss (configs/diffusion.py)
+    "data.repeat_fraction": 0.0,         # 2026-12-03: repeated rows of the "text" source (data/text.py)
 }
 
 

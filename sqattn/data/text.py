@@ -12,6 +12,14 @@ Split: the last ``eval_fraction`` of the byte stream is eval, the rest train. A 
 (step, row) is a window of ``seq_len + 1`` bytes at a start drawn from (seed, step, row); the eval
 rows are the consecutive windows ``[j * seq_len, j * seq_len + seq_len + 1)`` of the eval part, so
 every eval byte after the first is predicted exactly once per pass.
+
+Long-range component (``repeat_fraction`` > 0, for comparisons that need context beyond a local window): that
+fraction of the rows is a span of ``ceil((seq_len + 1) / 2)`` bytes followed by the same span again (cut to
+``seq_len + 1`` bytes), so every byte of the second copy is predictable by looking back exactly one span length
+— beyond any window shorter than ``seq_len / 2`` — and the first copy is plain text. Train rows are repeated at
+random (drawn from (seed, step, row)); eval row ``k`` is repeated exactly when ``floor((k + 1) f) >
+floor(k f)`` (f = ``repeat_fraction``), so the eval split holds the fraction exactly and is the same every pass;
+a repeated eval row reads the first span of its window. ``repeated_rows(cfg, n)`` says which eval rows are.
 """
 
 from __future__ import annotations
@@ -51,7 +59,25 @@ def default_config() -> config_dict.ConfigDict:
     cfg.path = ""
     # Fraction of the byte stream, taken from its end, held out for eval.
     cfg.eval_fraction = 0.02
+    # Fraction of rows whose second half repeats the first (a long-range component; module docstring).
+    cfg.repeat_fraction = 0.0
     return cfg
+
+
+def span_length(seq_len: int) -> int:
+    """Bytes of the span a repeated row holds twice (the distance every repeated byte is copied from)."""
+    return (seq_len + 2) // 2
+
+
+def _repeated(window: np.ndarray, total: int) -> np.ndarray:
+    return np.concatenate([window, window])[:total]
+
+
+def repeated_rows(cfg: config_dict.ConfigDict, num_rows: int) -> np.ndarray:
+    """[num_rows] bool: which eval rows (in the eval split's row order) are repeated rows."""
+    f = float(cfg.get("repeat_fraction", 0.0))
+    k = np.arange(num_rows)
+    return np.floor((k + 1) * f) > np.floor(k * f)
 
 
 def bits_per_byte(loss_nats: float) -> float:
@@ -152,6 +178,10 @@ def build_rows(cfg: config_dict.ConfigDict, *, split: str, global_batch: int) ->
     """Rows of byte windows for ``split``; see the module docstring."""
     if not 0.0 < cfg.eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+    repeat = float(cfg.get("repeat_fraction", 0.0))
+    if not 0.0 <= repeat <= 1.0:
+        raise ValueError(f"repeat_fraction must be in [0, 1], got {repeat}")
+    span = span_length(cfg.seq_len)
     data = load_corpus(cfg.path)
     n_eval = int(len(data) * cfg.eval_fraction)
     window = cfg.seq_len + 1
@@ -164,7 +194,10 @@ def build_rows(cfg: config_dict.ConfigDict, *, split: str, global_batch: int) ->
                              f"seq_len + 1 = {window}")
 
         def train_row(step: int, row: int) -> base.Row:
-            start = int(base.row_rng(cfg.seed, split, step, row).integers(0, max_start + 1))
+            rng = base.row_rng(cfg.seed, split, step, row)
+            start = int(rng.integers(0, max_start + 1))
+            if repeat > 0.0 and rng.random() < repeat:  # no extra draw at 0: the plain stream is unchanged
+                return base.lm_row(_repeated(train[start:start + span], window))
             return base.lm_row(train[start:start + window])
 
         return base.Rows(base.rows_by_step(train_row, global_batch), VOCAB_SIZE)
@@ -179,7 +212,10 @@ def build_rows(cfg: config_dict.ConfigDict, *, split: str, global_batch: int) ->
                          "eval_fraction or lower seq_len / the eval batch size")
 
     def eval_row(step: int, row: int) -> base.Row:
-        start = (step * global_batch + row) * cfg.seq_len
+        k = step * global_batch + row
+        start = k * cfg.seq_len
+        if repeat > 0.0 and repeated_rows(cfg, k + 1)[k]:
+            return base.lm_row(_repeated(evals[start:start + span], window))
         return base.lm_row(evals[start:start + window])
 
     rows = base.rows_by_step(eval_row, global_batch, num_batches * global_batch)

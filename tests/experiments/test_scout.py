@@ -18,7 +18,7 @@ CONFIGS = importlib.import_module("sqattn.configs.scout")
 def test_run_end_to_end(tmp_path, monkeypatch):
     """All three parts at runlocal size, 2 steps each (also the swa:runlocal LM forward)."""
     out = scout.run(str(tmp_path), models=["swa"], steps=2, runlocal=True, recall_models=["scout_L4"],
-                    recall_steps=2, seeds=[0], memory_lengths=(64, 256), progress=False)
+                    recall_steps=2, seeds=[0], memory_lengths=(64, 256), repeat_fraction=0.5, progress=False)
     with open(tmp_path / "results.json") as f:
         saved = json.load(f)
     assert set(saved) >= {"settings", "lm", "recall", "recall_summary", "memory", "plot", "wall_s"}
@@ -28,6 +28,10 @@ def test_run_end_to_end(tmp_path, monkeypatch):
     # The per-position eval re-reads the trainer's eval rows: same bits/byte over all positions.
     assert lm["bpb"] == pytest.approx(lm["trainer_eval_bpb"], rel=1e-4)
     assert np.isfinite(lm["bpb_long"]) and 0 < lm["eval_bytes_long"] < lm["eval_bytes"]
+    # Half the eval rows repeat a span: their second copies are scored apart from the plain rows.
+    assert lm["repeat_fraction"] == 0.5 and 0 < lm["eval_bytes_copy"] < lm["eval_bytes_long"]
+    assert np.isfinite(lm["bpb_copy"]) and np.isfinite(lm["bpb_text_long"])
+    assert saved["lm_summary"]["swa"]["bpb_copy"]["mean"] == lm["bpb_copy"]
     (rec,) = saved["recall"]
     assert rec["model"] == "scout_L4" and rec["eval_queries"] == 640
     # Two steps cannot teach recall: accuracy near chance over the values, loss near the uniform ln(vocab).
@@ -36,11 +40,12 @@ def test_run_end_to_end(tmp_path, monkeypatch):
     mem = saved["memory"]
     assert mem["entries_match_formula"] and mem["entries"]["mamba"]["256"] == 256 // mem["segment_len"]
     assert mem["entries"]["full"]["256"] == 2 * 256 and mem["entries"]["swa_only"]["256"] == 2 * mem["window"]
-    assert "| SCOUT-SWA (AC) |" in scout.format_tables(out)
+    assert "| SCOUT-SWA (AC) |" in scout.format_tables(out) and "repeated span (copy)" in scout.format_tables(out)
     # A finished LM run is reused, not retrained.
     monkeypatch.setattr("sqattn.train.train_and_evaluate",
                         lambda *a, **k: pytest.fail("a finished run was retrained"))
-    again = scout.run(str(tmp_path), parts=["lm"], models=["swa"], steps=2, runlocal=True, progress=False)
+    again = scout.run(str(tmp_path), parts=["lm"], models=["swa"], steps=2, runlocal=True, repeat_fraction=0.5,
+                      progress=False)
     assert again["lm"] == saved["lm"]
 
 

@@ -216,6 +216,38 @@ def test_text_train_and_eval_windows(text_dir):
     np.testing.assert_array_equal(ev.batch(ev.num_batches)["targets"], ev.batch(0)["targets"])
 
 
+def test_text_repeated_rows(text_dir):
+    """repeat_fraction: a repeated row is one corpus span twice (each second-copy byte equals the byte one span
+    back); the eval split holds the fraction exactly, at the rows repeated_rows names; 0 leaves rows unchanged."""
+    cfg = _text_cfg(text_dir, repeat_fraction=0.25, seq_len=31)
+    span = text.span_length(cfg.seq_len)
+    assert span == 16
+    corpus = text.load_corpus(cfg.path).tobytes()
+    for split in ("train", "eval"):
+        ds = data.make_dataset(cfg, batch_size=8, split=split)
+        rows = [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in (ds.batch(0), ds.batch(3))]
+        rows = np.concatenate(rows)
+        repeated = np.all(rows[:, span:] == rows[:, :32 - span], axis=1)
+        for r in rows:
+            assert corpus.find(_as_bytes(r[:span])) >= 0
+        if split == "eval":
+            expect = np.concatenate([text.repeated_rows(cfg, 32)[:8], text.repeated_rows(cfg, 32)[24:]])
+            np.testing.assert_array_equal(repeated, expect)
+            assert text.repeated_rows(cfg, 400).sum() == 100
+        else:
+            assert 0 < repeated.sum() < len(rows)
+    # A row's start does not depend on repeat_fraction: each row is the plain row (repeat_fraction 0) at the same
+    # (step, row), or that row's first span twice.
+    plain = data.make_dataset(_text_cfg(text_dir, seq_len=31), batch_size=8, split="train").batch(5)
+    mixed = data.make_dataset(cfg, batch_size=8, split="train").batch(5)
+    for p_in, m_in in zip(plain["inputs"], mixed["inputs"]):
+        assert (np.array_equal(m_in, p_in)
+                or np.array_equal(m_in, np.concatenate([p_in[:span], p_in[:span]])[:31])), (p_in, m_in)
+    assert not np.array_equal(plain["inputs"], mixed["inputs"])
+    with pytest.raises(ValueError, match="repeat_fraction must be in"):
+        data.make_dataset(_text_cfg(text_dir, repeat_fraction=1.5), batch_size=2, split="train")
+
+
 def test_text_errors(tmp_path, text_dir):
     missing = str(tmp_path / "missing_dir")
     with pytest.raises(FileNotFoundError, match="missing_dir"):
