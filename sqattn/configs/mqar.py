@@ -45,11 +45,17 @@ from that 0.971 (7 min at load ~2), and 2500 more at lr 1e-3 from that 0.977 (9 
 and the climb is slowing (~0.015, then ~0.002 per 1000 steps).
 Without it (fresh runs at P=16, batch 32): 0.055 after 2000 steps at lr 1e-2 (0.212 after 3000 at 3e-3,
 2026-11-29); d_model 128 with 4 heads of 32 (2x the step time) was no better after 500 steps (0.058 vs 0.055).
-So attention solves MQAR at P = 16 (>= 0.99) but not yet at P = 32 (0.977 after 6000 steps at P = 32)
-or 64. GLA, SSE, a second
-seed and P=64 were not run (time), so the note's comparison is still not measured; the curriculum costs
-~30 min of this CPU unloaded per attention chain (4 -> 64), GLA/SSE steps ~2-4x that, so the full grid
-(5 models x 4 P x 2 seeds) needs roughly 10-25 h of it.
+Longer or larger-batch P=32 stages from the same P=16 run (2026-12-03, machine otherwise idle, each run pinned
+to one of the 2 cores with ``taskset``, ~20k tokens/s each): 3000 steps at the stage recipe (lr 5e-3, cosine)
+reach 0.955 (0.886 at step 2000); batch 64 for 1500 steps (the same tokens) 0.954. So neither more steps nor a
+larger batch reaches 0.99 at P = 32 within ~12M tokens (3x the steps buy 0.924 -> 0.955); the grid uses the
+1000-step stage (0.924), the same budget for every model.
+So attention solves MQAR at P = 16 (>= 0.99) but not at P = 32 (best 0.977, after 6000 steps at P = 32)
+within this CPU's budget, and P = 64 was not run.
+Unloaded throughput (2026-12-03, P = 32, batch 32, both cores): attention 25k tokens/s, gla_softmax 17k,
+sse_n4k1 11k, sse_n8k2 10k; one process per core (``taskset -c``) gets ~16-20k (attention) each, so two pinned
+processes do ~1.5x the work of one unpinned one. A chain 4 -> 16 -> 32 (10.2M tokens) then costs ~9 min of
+one core for attention, ~15 for GLA and ~25 for SSE. The measured grid is in experiments/mqar.py.
 """
 
 from __future__ import annotations
