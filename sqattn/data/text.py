@@ -73,11 +73,14 @@ def _repeated(window: np.ndarray, total: int) -> np.ndarray:
     return np.concatenate([window, window])[:total]
 
 
+def _is_repeated_eval_row(k, fraction: float):
+    """Eval row(s) ``k`` (an index or an array of them) repeated at ``fraction``: floor((k+1) f) > floor(k f)."""
+    return np.floor((np.asarray(k) + 1) * fraction) > np.floor(np.asarray(k) * fraction)
+
+
 def repeated_rows(cfg: config_dict.ConfigDict, num_rows: int) -> np.ndarray:
     """[num_rows] bool: which eval rows (in the eval split's row order) are repeated rows."""
-    f = float(cfg.get("repeat_fraction", 0.0))
-    k = np.arange(num_rows)
-    return np.floor((k + 1) * f) > np.floor(k * f)
+    return _is_repeated_eval_row(np.arange(num_rows), float(cfg.get("repeat_fraction", 0.0)))
 
 
 def bits_per_byte(loss_nats: float) -> float:
@@ -214,7 +217,7 @@ def build_rows(cfg: config_dict.ConfigDict, *, split: str, global_batch: int) ->
     def eval_row(step: int, row: int) -> base.Row:
         k = step * global_batch + row
         start = k * cfg.seq_len
-        if repeat > 0.0 and repeated_rows(cfg, k + 1)[k]:
+        if repeat > 0.0 and _is_repeated_eval_row(k, repeat):
             return base.lm_row(_repeated(evals[start:start + span], window))
         return base.lm_row(evals[start:start + window])
 
