@@ -194,11 +194,13 @@ def train_all(workdir: str, *, train: bool, multi: bool, dit_workdir: str, dit_s
 
 
 def dit_shape_args(dit_workdir: str) -> str:
-    """``",patch=P,width=W,depth=D"`` of the DiT run (its config.json), so the SPM runs build the same DiT."""
+    """``",patch=P,width=W,depth=D,pos=E"`` of the DiT run (its config.json), so the SPM runs build the same
+    DiT (a run saved before ``pos_embed`` existed has learned positions)."""
     from sqattn import sample as sample_lib
     try:
         model = sample_lib.load_config(dit_workdir).model
-        return f",patch={int(model.patch)},width={int(model.d_model)},depth={int(model.depth)}"
+        return (f",patch={int(model.patch)},width={int(model.d_model)},depth={int(model.depth)}"
+                f",pos={model.get('pos_embed', 'learned')}")
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise ValueError(f"spm: cannot read the DiT's model shape from {dit_workdir}/config.json: {e}") from e
 

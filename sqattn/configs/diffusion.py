@@ -20,7 +20,8 @@ Commands (2 shared CPU cores; every run is resumable like any other):
   python -m experiments.spm --workdir=/tmp/spm_exp      # all of it, with the evaluation tables
 Args: ``kind``, ``steps``, ``batch``, ``width``, ``depth``, ``patch``, ``lr``, ``seed``, ``init`` (SPM source
 run), ``concept``, ``la`` (lambda), ``anchors``, ``rollout`` (S), ``minsnr`` (min-SNR gamma of the DiT's
-loss, 0 = off), ``runlocal``. Runtimes and results: experiments/spm.py.
+loss, 0 = off), ``pos`` (the DiT's patch positions: ``sincos``, fixed 2-D, the default since 2026-12-04, or
+``learned``, the earlier runs'), ``runlocal``. Runtimes and results: experiments/spm.py.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ from sqattn.data import shapes
 KINDS = ("dit", "judge", "spm")
 
 
-def dit_model(width: int = 64, depth: int = 4, patch: int = 4) -> ml_collections.ConfigDict:
+def dit_model(width: int = 64, depth: int = 4, patch: int = 4, pos: str = "sincos") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         image_size=16, channels=3, patch=patch, d_model=width, depth=depth, num_heads=4, mlp_ratio=4,
-        vocab_size=len(shapes.VOCAB), text_len=shapes.TEXT_LEN, text_layers=2))
+        vocab_size=len(shapes.VOCAB), text_len=shapes.TEXT_LEN, text_layers=2, pos_embed=pos))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, kind="dit", steps=0, batch=0, width=64, depth=4, patch=4, lr=0.0, seed=0, init="",
-                  concept="star", la=1000.0, anchors=4, rollout=20, minsnr=0.0, runlocal=False)
+                  concept="star", la=1000.0, anchors=4, rollout=20, minsnr=0.0, pos="sincos", runlocal=False)
     if a.kind not in KINDS:
         raise ValueError(f"diffusion config: kind must be one of {KINDS}, got {a.kind!r}")
     c = base.base_config()
@@ -62,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.update(weight_decay=0.0, warmup_steps=100, min_lr_ratio=0.1, grad_clip=1.0)
     if a.kind == "dit":
         c.task, c.model_name = "diffusion", "dit"
-        c.model = dit_model(a.width, a.depth, a.patch)
+        c.model = dit_model(a.width, a.depth, a.patch, a.pos)
         c.batch_size = a.batch or 32
         c.num_steps = a.steps or 3000
         c.optim.lr = a.lr or 1e-3
@@ -75,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.update(lr=a.lr or 3e-3, warmup_steps=20)
     else:
         c.task, c.model_name = "spm", "dit"
-        c.model = dit_model(a.width, a.depth, a.patch)
+        c.model = dit_model(a.width, a.depth, a.patch, a.pos)
         c.batch_size = a.batch or 4
         c.num_steps = a.steps or 400
         c.optim.update(lr=a.lr or 1e-3, warmup_steps=20, min_lr_ratio=1.0, trainable=r"spm_(down|up)")

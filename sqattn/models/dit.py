@@ -7,7 +7,10 @@
   all-true mask), final RMSNorm -> text states [b, L, d]. Trained jointly with the denoiser; SPM never adapts
   it. ``DiT.encode_text(tokens)`` exposes the states, and ``DiT(x, t, context=states)`` takes them directly
   (latent anchoring samples anchors in this continuous space);
-* patch tokens: ``patch`` x ``patch`` pixels -> Dense -> + learned positions, T = (H / patch)^2 tokens;
+* patch tokens: ``patch`` x ``patch`` pixels -> Dense -> + positions, T = (H / patch)^2 tokens. Positions are
+  fixed 2-D sine-cosine embeddings (``pos_embed="sincos"``, as DiT; unit amplitude from the first step) or
+  learned ones initialised at N(0, 0.02) (``"learned"``, the default of runs saved before 2026-12-04: they
+  start 50x smaller than the patch embedding, so a small DiT learns *where* it draws only slowly);
 * ``depth`` blocks (``DiTBlock``): adaLN-Zero modulated self-attention, cross-attention to the text states
   (queries from patches, keys/values from text) and a GELU MLP; the timestep embedding
   (sinusoidal -> 2-layer MLP) gives each block 9 modulation vectors (shift, scale, gate per sub-layer);
@@ -37,6 +40,20 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)   # [dim/2]
     ang = t.astype(jnp.float32)[:, None] * freqs[None]                                   # [b, dim/2]
     return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
+
+
+def sincos_2d(grid: int, dim: int) -> jax.Array:
+    """Fixed 2-D sine-cosine position embeddings [grid * grid, dim] (row-major tokens): the first half of the
+    channels encodes the row, the second the column, each with ``dim // 4`` frequencies (DiT / MAE)."""
+    if dim % 4:
+        raise ValueError(f"DiT: sincos positions need d_model divisible by 4, got {dim}")
+    q = dim // 4
+    freqs = 1.0 / (10000.0 ** (jnp.arange(q, dtype=jnp.float32) / q))                   # [d/4]
+    pos = jnp.arange(grid, dtype=jnp.float32)[:, None] * freqs[None]                      # [g, d/4]
+    one = jnp.concatenate([jnp.sin(pos), jnp.cos(pos)], axis=-1)                          # [g, d/2]
+    rows = jnp.broadcast_to(one[:, None, :], (grid, grid, dim // 2))
+    cols = jnp.broadcast_to(one[None, :, :], (grid, grid, dim // 2))
+    return jnp.concatenate([rows, cols], axis=-1).reshape(grid * grid, dim)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -137,11 +154,12 @@ class DiT(nnx.Module):
       image_size, channels, patch: image geometry (image_size % patch == 0).
       d_model, depth, num_heads, mlp_ratio: denoiser width, blocks, heads, MLP expansion.
       vocab_size, text_len, text_layers: the text encoder (width d_model).
+      pos_embed: ``"learned"`` or ``"sincos"`` patch positions (module docstring).
     """
 
     def __init__(self, *, image_size: int = 16, channels: int = 3, patch: int = 2, d_model: int = 64,
                  depth: int = 4, num_heads: int = 4, mlp_ratio: int = 4, vocab_size: int = 9, text_len: int = 6,
-                 text_layers: int = 2, rngs: nnx.Rngs, dtype: str = "float32"):
+                 text_layers: int = 2, pos_embed: str = "learned", rngs: nnx.Rngs, dtype: str = "float32"):
         if image_size % patch:
             raise ValueError(f"DiT: patch={patch} does not divide image_size={image_size}")
         dt = jnp.dtype(dtype)
@@ -150,7 +168,13 @@ class DiT(nnx.Module):
         pdim = patch * patch * channels
         self.text = TextEncoder(vocab_size, text_len, d_model, text_layers, num_heads, rngs=rngs, dtype=dt)
         self.patch_in = Dense(pdim, d_model, axes=(None, "embed"), rngs=rngs, dtype=dt, use_bias=True)
-        self.pos = param(rngs, jax.nn.initializers.normal(0.02), (n, d_model), (None, "embed"))
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"DiT: pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        self.pos_embed = pos_embed
+        if pos_embed == "learned":
+            self.pos = param(rngs, jax.nn.initializers.normal(0.02), (n, d_model), (None, "embed"))
+        else:                                      # fixed sincos: a constant of the program, not a parameter
+            sincos_2d(image_size // patch, d_model)   # validates d_model % 4 at construction
         self.t1 = Dense(d_model, d_model, axes=("embed", "mlp"), rngs=rngs, dtype=dt, use_bias=True)
         self.t2 = Dense(d_model, d_model, axes=("mlp", "embed"), rngs=rngs, dtype=dt, use_bias=True)
         self.layers = nnx.List([DiTBlock(d_model, num_heads, mlp_ratio, rngs=rngs, dtype=dt)
@@ -187,7 +211,9 @@ class DiT(nnx.Module):
         c = self.encode_text(tokens) if context is None else context              # [b, L, d]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         temb = self.t2(jax.nn.silu(self.t1(timestep_embedding(t, self.d_model))))   # [b, d]
-        h = self.patch_in(self._patchify(x)) + self.pos[...]                       # [b, T, d]
+        pos = (self.pos[...] if self.pos_embed == "learned"
+               else sincos_2d(self.image_size // self.patch, self.d_model).astype(temb.dtype))
+        h = self.patch_in(self._patchify(x)) + pos                                 # [b, T, d]
         for block in self.layers:
             h = block(h, c, temb)
         shift, scale = jnp.split(self.final_ada(jax.nn.silu(temb))[:, None, :], 2, axis=-1)

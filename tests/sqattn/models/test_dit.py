@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sqattn.models.dit import DiT
+from sqattn.models.dit import DiT, sincos_2d
 from sqattn.models.judge import ShapeJudge
 from tests.testing import assert_close
 
@@ -35,6 +35,26 @@ def test_dit_shapes_paths_and_errors():
         m(x, 0, tok[:, :3])
     with pytest.raises(ValueError, match="patch=3 does not divide image_size=8"):
         DiT(image_size=8, patch=3, rngs=nnx.Rngs(0))
+
+
+def test_dit_sincos_positions():
+    pe = np.asarray(sincos_2d(4, 16))                                   # 4 x 4 tokens, row-major
+    assert pe.shape == (16, 16)
+    # first half of the channels is the row's code, second half the column's; values independent of the other
+    assert np.array_equal(pe[1, :8], pe[0, :8]) and np.array_equal(pe[4, 8:], pe[0, 8:])
+    assert not np.array_equal(pe[4, :8], pe[0, :8])
+    assert_close(pe[5, :8], np.concatenate([np.sin(1.0 / 10000.0 ** (np.arange(4) / 4)),
+                                            np.cos(1.0 / 10000.0 ** (np.arange(4) / 4))]), name="row 1")
+    assert len({tuple(np.round(r, 6)) for r in pe}) == 16                 # every token has its own code
+    m = DiT(image_size=8, patch=2, d_model=16, depth=1, num_heads=2, text_layers=1, pos_embed="sincos",
+            rngs=nnx.Rngs(0))
+    assert not hasattr(m, "pos")                                         # fixed: no parameter to train or save
+    learned = DiT(image_size=8, patch=2, d_model=16, depth=1, num_heads=2, text_layers=1, rngs=nnx.Rngs(0))
+    assert learned.pos.value.shape == (16, 16)
+    with pytest.raises(ValueError, match="pos_embed must be"):
+        DiT(image_size=8, patch=2, d_model=16, pos_embed="rope", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        DiT(image_size=8, patch=2, d_model=18, num_heads=2, pos_embed="sincos", rngs=nnx.Rngs(0))
 
 
 def test_judge_heads_and_features():
