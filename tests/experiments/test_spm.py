@@ -47,13 +47,17 @@ def test_diffusion_run_resumes_after_a_kill(tmp_path):
 
 
 def test_spm_runs_take_the_dit_runs_shape(tmp_path):
-    """A patch-2 DiT gets patch-2 SPM runs (the default spm_shapes is patch 4, whose tree would not match)."""
+    """SPM runs build the DiT run's structure (patch, width, depth, positions), whatever spm_shapes' defaults:
+    a run saved before ``pos_embed`` existed has learned positions."""
     d = tmp_path / "dit"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model": {"patch": 2, "d_model": 96, "depth": 3}}))
+    (d / "config.json").write_text(json.dumps({"model": {"patch": 4, "d_model": 96, "depth": 3}}))
     args = spm_exp.dit_shape_args(str(d))
-    assert args == ",patch=2,width=96,depth=3"
+    assert args == ",patch=4,width=96,depth=3,pos=learned"
     c = configs.get(f"spm_shapes:init={d},concept=star{args}")
-    assert (c.model.patch, c.model.d_model, c.model.depth) == (2, 96, 3)
+    assert (c.model.patch, c.model.d_model, c.model.depth, c.model.pos_embed) == (4, 96, 3, "learned")
+    (d / "config.json").write_text(json.dumps({"model": {"patch": 2, "d_model": 64, "depth": 4,
+                                                         "pos_embed": "sincos"}}))
+    assert spm_exp.dit_shape_args(str(d)) == ",patch=2,width=64,depth=4,pos=sincos"
     with pytest.raises(ValueError, match="cannot read the DiT's model shape"):
         spm_exp.dit_shape_args(str(tmp_path / "missing"))

@@ -125,7 +125,7 @@ def test_diffusion_task_weights_the_training_loss_but_reports_the_plain_mse():
     batch = {"images": jax.random.uniform(jax.random.key(1), (6, 8, 8, 3), minval=-1, maxval=1),
              "tokens": jnp.ones((6, 6), jnp.int32)}
     rng = jax.random.key(5)
-    cfg = configs.get("dit_shapes:runlocal=True")
+    cfg = configs.get("dit_shapes:runlocal=True,minsnr=0")
     plain, weighted = DiffusionTask(), DiffusionTask()
     plain.make_datasets(cfg)
     cfg.diffusion.min_snr_gamma = 5.0
