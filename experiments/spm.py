@@ -20,101 +20,67 @@ starts from the same initial noise; DDIM --sample_steps steps at CFG --guidance)
   * the FT gammas per prompt; image grids (PNG and TensorBoard) of every variant.
 Writes results.json, grid_*.png, compare.png and tb/ under --workdir, and prints the JSON.
 
-Measured 2026-12-03, 2 CPU cores shared by ~9 agents (load average 19-27 throughout), no accelerator:
-  python -m experiments.train --config=dit_shapes:steps=1500 --workdir=/work/runs/spm/dit        # 30 min wall
-  python -m experiments.spm --workdir=/work/runs/spm/exp --dit_workdir=/work/runs/spm/dit --spm_steps=150 \
-      --spm_batch=2 --la=1000 --samples=16 --sample_steps=20 [--notrain]   (+ --la=0 --nomulti for the LA row)
-Wall times are dominated by XLA compilation under that load (SPM train step 171-551 s to compile, ~0.2 s/step
-to run; DiT step 0.6 s; evaluation 460 s of which most is compiling 4 samplers).
+FOURTH ATTEMPT, 2026-12-03 22:40-23:55 (the current result; machine otherwise idle, the two DiTs each pinned to
+one core with taskset, everything after on both cores, load ~1-2):
+  python -m experiments.train --config=dit_shapes --workdir=/work/runs/spm4/dit_sincos     # 72 min, one core
+  python -m experiments.train --config=judge_shapes --workdir=/work/runs/spm4/judge        # 1 min
+  python -m experiments.spm --workdir=/work/runs/spm4/exp --dit_workdir=/work/runs/spm4/dit_sincos \
+      --spm_steps=400 --spm_batch=2 --la=0,100,1000 --samples=16 --sample_steps=20          # 7 min
+  (+ --la=10 --nomulti --results=results_la10.json for the lambda 10 rows; the judge run copied into exp/).
+With no --dit_workdir, ``python -m experiments.spm --workdir=W`` trains all of it (the DiT defaults are this
+recipe). The DiT recipe is now dit_shapes' default: patch 2 (64 tokens), FIXED 2-D SINCOS POSITIONS (the earlier
+runs' learned positions started at N(0, 0.02)), batch 128, 6000 steps (768k images), lr 1e-3 cosine, min-SNR-5.
+Same recipe with learned positions (``pos=learned``), side by side on the other core: judge shape accuracy 0.40
+(learned) vs 0.36 (sincos) at step 1500, 0.64 vs 0.72 at step 6000 (192 samples each, std ~0.035).
+The DiT now draws the shapes (results_grid_original.png): circles and triangles clean (judge 1.00 / 1.00),
+stars as spiky speckled shapes (judge "star" 0.56), squares as rounded squares (0.33); colour 1.00; shape
+accuracy 0.72 overall (chance 0.25). Judge 1000 steps: 100 % / 100 % on clean images.
 
-Runs: DiT 1500 steps (final eval eps-MSE 0.038); judge 1000 steps (eval accuracy 100 % shape, 100 % colour on
-clean images); SPMs 150 steps, batch 2 (the note asks 400-800; time).
+Erasing "star" (400 SPM steps, batch 2; 16 samples x 12 prompts, same noise for every variant; "other" = the 9
+non-star prompts; FT = gamma from the prompt, paper-form sum):
+| variant                | star rate | other shape | other colour | other MSE | other Fréchet | target MSE |
+| ---------------------- | --------- | ----------- | ------------ | --------- | ------------- | ---------- |
+| original               | 0.562     | 0.778       | 1.000        | 0         | 0             | 0          |
+| no LA, FT off (m = 1)  | **0.000** | 0.604       | 1.000        | 0.057     | 267           | 0.059      |
+| no LA, FT flat cosine  | **0.000** | 0.681       | 1.000        | 0.040     | 163           | 0.059      |
+| LA 10, FT off          | **0.062** | 0.701       | 1.000        | 0.031     | 176           | 0.030      |
+| LA 10, FT flat         | **0.062** | 0.729       | 1.000        | 0.022     | 123           | 0.030      |
+| LA 10, FT mean         | **0.062** | 0.729       | 1.000        | 0.023     | 124           | 0.030      |
+| LA 100, FT off         | 0.542     | 0.764       | 1.000        | 0.0046    | 28.8          | 0.0022     |
+| LA 100, FT flat        | 0.542     | 0.757       | 1.000        | 0.0032    | 19.1          | 0.0022     |
+| LA 1000, FT off        | 0.562     | 0.778       | 1.000        | 4e-5      | 0.31          | 1e-5       |
+| LA 1000, FT flat       | 0.562     | 0.778       | 1.000        | 3e-5      | 0.21          | 1e-5       |
+| LA 1000, FT mean       | 0.562     | 0.778       | 1.000        | 3e-5      | 0.22          | 1e-5       |
+SPM training: 50 s (no LA), 85 s (LA 10), 90 s (LA 100), 108 s (LA 1000); evaluation 131 s (+ 31 s).
 
-HONEST SUMMARY: at this size and training budget the DiT does NOT draw recognisable shapes. Its samples have
-the right colour (judge colour accuracy 100 % on all 12 prompts) but are blocky blobs in the 4x4 patch grid
-(results_grid_original.png); the judge calls 79 % of "star"-prompt samples and 89 % of the other prompts'
-samples "star" (shape accuracy 28 % overall, 11 % on non-star prompts). So the erasure numbers below measure
-nothing about "star": with no star drawn, there is no star to erase. The SPM machinery runs end to end (the
-adapters train, the combination and FT change samples measurably), but the table cannot show erasure.
+* ERASURE IS DEMONSTRATED WITHOUT LATENT ANCHORING: the star rate falls from 0.56 to 0.00; the star prompts now
+  give solid blobs of the right colour (results_grid_star_la0_ft_flat.png), and triangles and circles stay
+  triangles and circles. The price is the collateral damage the paper describes: other prompts' shape accuracy
+  0.78 -> 0.60 and pixel MSE 0.057 to the original (results_compare.png: original | each variant).
+* FT helps as claimed, partly: it cuts that damage (MSE 0.057 -> 0.040, shape accuracy 0.60 -> 0.68, Fréchet
+  267 -> 163) at no cost to the erasure. It cannot remove it: gamma of "star" on unrelated prompts is 0.65-0.86
+  (flat cosine; 0.60-0.86 for the mean-of-tokens cosine), the note's pitfall: the jointly trained text
+  encoder maps all prompts close together.
+* LA + FT, partly reproduced at lambda 10: the star rate still falls to 0.06, and LA halves the alteration of the
+  other prompts (MSE 0.057 -> 0.031 without FT, 0.040 -> 0.022 with it; shape accuracy 0.73 with both, against
+  0.78 for the original). Every direction of the paper holds (LA and FT each cut collateral damage, erasure kept),
+  but the damage does not get near zero: other prompts still move by MSE 0.022.
+* AT THE PAPER'S STRENGTH (lambda 1000) NOTHING IS ERASED IN 400 STEPS: the anchoring term wins (alteration 1e-5 on
+  the targets, 4e-5 elsewhere, star rate unchanged); at lambda 100 the star rate moves only 0.56 -> 0.54. So in
+  this toy, at this budget, lambda trades erasure against preservation, and the paper's lambda does not erase.
+  Untested: more SPM steps (the paper trains 3000 at batch 1) and lambda between 10 and 100.
+* Multi-concept (star + blue SPMs at lambda 1000, FT on): neither concept is erased (star 0.56, blue 1.00), as
+  expected from the lambda 1000 row; alteration of the 6 prompts with neither concept 5e-5 to 7e-5 (paper form)
+  vs 7e-5 to 9e-5 (factor sum), target alteration 6e-5 vs 1.5e-4: the code's factor sum alters ~2x more (its
+  cross terms U_i D_j). A no-LA multi-concept run was not made.
 
-Original model (16 samples x 12 prompts): star rate on star prompts 0.79; other prompts: shape acc 0.11,
-colour acc 1.00.
-
-{LA} x {FT} grid, erasing "star" (lambda 1000; FT gamma from the prompt, paper-form sum):
-| variant            | star rate (target) | other shape acc | other colour acc | other MSE | other Fréchet | target MSE |
-|--------------------|--------------------|-----------------|------------------|-----------|---------------|------------|
-| original           | 0.792              | 0.111           | 1.000            | 0         | 0             | 0          |
-| LA, FT off (m = 1) | 0.792              | 0.111           | 1.000            | 0.0015    | 5.35          | 0.0013     |
-| LA, FT flat cosine | 0.792              | 0.111           | 1.000            | 0.0012    | 4.71          | 0.0013     |
-| LA, FT mean cosine | 0.792              | 0.111           | 1.000            | 0.0012    | 4.86          | 0.0013     |
-| no LA, FT off      | 0.833              | 0.049           | 0.819            | 0.207     | 2502          | 0.218      |
-| no LA, FT flat     | 0.833              | 0.049           | 0.868            | 0.192     | 2077          | 0.218      |
-| no LA, FT mean     | 0.833              | 0.042           | 0.861            | 0.197     | 2198          | 0.218      |
-(no-LA rows: --la=0 --nomulti --results=results_la0.json, same noise.) The one direction this toy does show:
-latent anchoring cuts the alteration of non-target prompts ~140x in pixel MSE (0.207 -> 0.0015) and keeps the
-colours (0.82 -> 1.00 colour accuracy); without LA the star SPM repaints every prompt (results_la0_grid_*.png).
-
-FT gammas (pitfall reproduced): with the official flattened-padded-state cosine, gamma_star is 0.87-0.92 for
-prompts without "star" (1.0 with it); the mean-of-non-padding cosine is no better here (0.89-0.95), because the
-jointly trained 2-layer text encoder maps every prompt to similar states. FT therefore barely scales the SPMs
-down on unrelated prompts (other MSE 0.0015 -> 0.0012).
-
-Multi-concept (star SPM + blue SPM, lambda 1000, FT on); non-target = the 6 prompts with neither concept:
-| combination        | star rate | blue rate (blue prompts) | other MSE | other Fréchet | target MSE (star+blue prompts) | "a blue circle" MSE |
-|--------------------|-----------|--------------------------|-----------|---------------|-----------------|---------------------|
-| flat, paper form   | 0.688     | 1.000                    | 0.0018    | 9.2           | 0.027           | 0.042               |
-| flat, factor sum   | 0.667     | 1.000                    | 0.0046    | 20.8          | 0.065           | 0.097               |
-| mean, paper form   | 0.688     | 1.000                    | 0.0017    | 9.0           | 0.028           | 0.043               |
-| mean, factor sum   | 0.667     | 1.000                    | 0.0041    | 18.1          | 0.066           | 0.100               |
-"Blue" is not erased (the judge still sees blue in 100 % of blue-prompt samples), though the blue SPM changes
-blue-prompt samples ~20x more than others; the code's factor-sum combination alters everything ~2.5x more than
-the paper form (cross terms U_i D_j). "a green square" stays close to the original (MSE 0.002 paper form).
-What would be needed: a DiT that draws shapes (patch 2, more steps: the 64-token model was 3x slower per step
-here), and the note's 400-800 SPM steps.
-
-Second attempt, 2026-12-03 14:12-14:45, load ~2 (this job alone): that recipe, patch 2 (64 tokens), 4000 steps,
-and 400 SPM steps:
-  python -m experiments.train --config=dit_shapes:patch=2,steps=4000 --workdir=/work/runs/spm2/dit   # 24 min
-  python -m experiments.spm --workdir=/work/runs/spm2/exp --dit_workdir=/work/runs/spm2/dit --spm_steps=400 \
-      --spm_batch=2 --la=0,1000 --samples=16 --sample_steps=20     # SPMs 85 / 119 / 80 s, evaluation 125 s
-  (the judge run copied from the first attempt). Eval eps-MSE 0.0216 (0.038 before). The samples are now
-  single coherent blobs of the right colour, no longer patchworks of 4x4 blocks, but still not recognisable
-  shapes: judge shape accuracy 0.36 overall (chance 0.25), 0.17 on the 9 non-star prompts, and the judge calls
-  0.92 of star-prompt samples "star" (red/green/blue star 0.81 / 1.00 / 0.94). So erasure is STILL NOT
-  DEMONSTRABLE:
-| variant             | star rate (target) | other shape acc | other colour acc | other MSE | other Fréchet | target MSE |
-|---------------------|--------------------|-----------------|------------------|-----------|---------------|------------|
-| original            | 0.917              | 0.174           | 1.000            | 0         | 0             | 0          |
-| LA 1000, FT off     | 0.917              | 0.174           | 1.000            | 7.0e-5    | 0.31          | 5.1e-5     |
-| LA 1000, FT flat    | 0.917              | 0.174           | 1.000            | 6.4e-5    | 0.28          | 5.1e-5     |
-| LA 1000, FT mean    | 0.917              | 0.174           | 1.000            | 6.7e-5    | 0.29          | 5.1e-5     |
-| no LA, FT off       | 0.917              | 0.056           | 0.993            | 0.060     | 520           | 0.042      |
-| no LA, FT flat      | 0.917              | 0.056           | 0.993            | 0.055     | 448           | 0.042      |
-  With LA the star SPM now changes the target prompts' samples as little as the others' (MSE 5e-5 vs 7e-5):
-  against a model that draws no distinct star, the anchoring term wins and the adapter learns almost nothing;
-  without LA it repaints every prompt (~850x the alteration), as before. The multi-concept rows (star + blue)
-  alter non-target prompts by 6e-5 (paper form) to 9.5e-5 (factor sum) and leave "blue" at a 1.00 blue rate.
-  The next step is the data, not the SPM: at 16 x 16 with shapes of radius 3-5 px the judge itself is 100 %
-  accurate on clean images, but a 0.5M-parameter DiT at this budget does not render the shape boundary; a
-  larger image (32 x 32) or a larger DiT needs hours of this CPU or an accelerator.
-
-Third attempt, 2026-12-03 17:00-18:02 (the DiT shared the 2 cores with a CTR benchmark for ~45 min, load 4-6):
-the DiT's loss was dominated by the nearly clean timesteps (eps-MSE 0.06 at t = 50 vs 0.006 at t = 800), and its
-x0 prediction at t >= 700 was noise-shaped fragments rather than a blurred shape, so sampling committed to
-ragged layouts. Two changes: min-SNR-5 weighting of the eps loss (``dit_shapes:minsnr=5``) and batch 128
-(a DiT step on this CPU is overhead-bound: batch 32 / 128 / 256 gave 20 / 63 / 75 images/s in one process at
-load 5), continuing the patch-2 run above for 2000 steps at lr 1e-3:
-  python -m experiments.train --config=dit_shapes:patch=2,steps=2000,batch=128,minsnr=5,lr=0.001 \
-      --config.init.workdir=/work/runs/spm2/dit --workdir=/work/runs/spm3/dit          # 60 min at load 4-6
-  python -m experiments.spm --workdir=/work/runs/spm3/exp --dit_workdir=/work/runs/spm3/dit --spm_steps=400 \
-      --spm_batch=2 --la=1000 --nomulti --samples=16 --sample_steps=20                # SPM 400 steps + eval, 4 min
-  (judge copied from the first attempt). Eval eps-MSE 0.0192 (0.0216). The samples are now smooth, solid blobs
-  of the right colour (results_grid_original.png), and circles are drawn (judge: 0.81-0.94 "circle"), but
-  squares come out rounded, triangles small and stars speckled: judge shape accuracy 0.40 (circle 0.875,
-  square 0.21, triangle 0.15, star 0.375). Sampling settings do not rescue the previous model: its 0.36 (20
-  steps, CFG 3) was 0.35 with 50 steps, 0.28 / 0.40 at CFG 1 / 6, 0.375 with leading instead of trailing steps. Erasing "star" (LA 1000) moved the star
-  rate on the star prompts from 0.375 to 0.333 with alteration 7e-5 on them and 1.4e-4 elsewhere: still NO
-  demonstrable erasure. The DiT is on the right path but needs more training than this CPU gave it.
+Earlier attempts (condensed; 2026-12-03, the old DiT defaults): (1) patch 4, learned positions, batch 32, 1500
+steps (2 cores shared by ~9 agents): 4x4-block patchworks of the right colour, judge shape accuracy 0.28, the judge
+called 79 % of star-prompt samples and 89 % of the others "star": erasure not measurable. Even then LA cut the
+star SPM's alteration of other prompts ~140x (0.207 -> 0.0015). (2) Patch 2, 4000 steps: coherent blobs, shape
+accuracy 0.36. (3) That run continued 2000 steps at batch 128 with min-SNR 5: smooth blobs, circles drawn, shape
+accuracy 0.40; sampling settings (50 steps, CFG 1 or 6, leading steps) changed it by at most 0.04. Each time the
+LA-1000 SPM changed nothing measurable, and without LA the SPM repainted every prompt.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def mesh_config() -> ml_collections.ConfigDict:
 ADDED_FAMILY_SETTINGS = {
     "diffusion.min_snr_gamma": 0.0,      # 2026-12-03: min-SNR weighting of the DiT's loss (configs/diffusion.py)
     "data.repeat_fraction": 0.0,         # 2026-12-03: repeated rows of the "text" source (data/text.py)
-    "model.pos_embed": "learned",        # 2026-12-04: the DiT's fixed sincos positions (models/dit.py)
+    "model.pos_embed": "learned",        # 2026-12-03: the DiT's fixed sincos positions (models/dit.py)
 }
 
 

@@ -7,7 +7,7 @@ tokens with fixed 2-D sincos positions, width 64, 4 blocks, 4 heads, text encode
 AdamW 1e-3 (wd 0), batch 128, 6000 steps, min-SNR-5 weighting of the eps loss (min(SNR, 5) / SNR, Hang et al.
 2023: the loss's weight moves off the nearly clean timesteps; ``minsnr=0`` for the plain eps MSE). This is the
 recipe of experiments/spm.py's fourth attempt (72 min on one CPU core, judge shape accuracy 0.72); before
-2026-12-04 the defaults were patch 4, learned positions, batch 32, 3000 steps, no min-SNR, whose samples drew no
+2026-12-03 23:00 the defaults were patch 4, learned positions, batch 32, 3000 steps, no min-SNR, whose samples drew no
 recognisable shapes. On this CPU a step is overhead-bound: a batch of 128 costs ~1.3x a batch of 32.
 ``kind=judge`` (``judge_shapes``): task ``shapes_judge``, model ``judge_cnn`` (4 convs, width 32), AdamW 3e-3, 1000 steps.
 ``kind=spm`` (``spm_shapes``): task ``spm``, the DiT config with ``peft.method="spm"`` (rank-1 adapters on
@@ -22,7 +22,7 @@ Commands (2 shared CPU cores; every run is resumable like any other):
   python -m experiments.spm --workdir=/tmp/spm_exp      # all of it, with the evaluation tables
 Args: ``kind``, ``steps``, ``batch``, ``width``, ``depth``, ``patch``, ``lr``, ``seed``, ``init`` (SPM source
 run), ``concept``, ``la`` (lambda), ``anchors``, ``rollout`` (S), ``minsnr`` (min-SNR gamma of the DiT's
-loss, 0 = off), ``pos`` (the DiT's patch positions: ``sincos``, fixed 2-D, the default since 2026-12-04, or
+loss, 0 = off), ``pos`` (the DiT's patch positions: ``sincos``, fixed 2-D, the default since 2026-12-03, or
 ``learned``, the earlier runs'), ``runlocal``. Runtimes and results: experiments/spm.py.
 """
 

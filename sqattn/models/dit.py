@@ -9,8 +9,9 @@
   (latent anchoring samples anchors in this continuous space);
 * patch tokens: ``patch`` x ``patch`` pixels -> Dense -> + positions, T = (H / patch)^2 tokens. Positions are
   fixed 2-D sine-cosine embeddings (``pos_embed="sincos"``, as DiT; unit amplitude from the first step) or
-  learned ones initialised at N(0, 0.02) (``"learned"``, the default of runs saved before 2026-12-04: they
-  start 50x smaller than the patch embedding, so a small DiT learns *where* it draws only slowly);
+  learned ones initialised at N(0, 0.02) (``"learned"``, the default of runs saved before 2026-12-03 23:00; they
+  start ~50x smaller than the patch embedding). Same recipe, 6000 steps: judge shape accuracy 0.72 (sincos) vs
+  0.64 (learned), 192 samples each (~1.7 std apart); level at 1500 steps (experiments/spm.py);
 * ``depth`` blocks (``DiTBlock``): adaLN-Zero modulated self-attention, cross-attention to the text states
   (queries from patches, keys/values from text) and a GELU MLP; the timestep embedding
   (sinusoidal -> 2-layer MLP) gives each block 9 modulation vectors (shift, scale, gate per sub-layer);
