@@ -27,8 +27,9 @@ one core with taskset, everything after on both cores, load ~1-2):
   python -m experiments.spm --workdir=/work/runs/spm4/exp --dit_workdir=/work/runs/spm4/dit_sincos \
       --spm_steps=400 --spm_batch=2 --la=0,100,1000 --samples=16 --sample_steps=20          # 7 min
   (+ --la=10 --nomulti --results=results_la10.json for the lambda 10 rows; the judge run copied into exp/).
-With no --dit_workdir, ``python -m experiments.spm --workdir=W`` trains all of it (the DiT defaults are this
-recipe). The DiT recipe is now dit_shapes' default: patch 2 (64 tokens), FIXED 2-D SINCOS POSITIONS (the earlier
+With no --dit_workdir, ``python -m experiments.spm --workdir=W --spm_steps=400 --la=0,10,100,1000`` trains all
+of it (the DiT and judge defaults are this recipe; the SPM flags' defaults are 200 steps and lambda 0, 1000).
+The DiT recipe is now dit_shapes' default: patch 2 (64 tokens), FIXED 2-D SINCOS POSITIONS (the earlier
 runs' learned positions started at N(0, 0.02)), batch 128, 6000 steps (768k images), lr 1e-3 cosine, min-SNR-5.
 Same recipe with learned positions (``pos=learned``), side by side on the other core: judge shape accuracy 0.40
 (learned) vs 0.36 (sincos) at step 1500, 0.64 vs 0.72 at step 6000 (192 samples each, std ~0.035).
@@ -163,10 +164,11 @@ def dit_shape_args(dit_workdir: str) -> str:
     """``",patch=P,width=W,depth=D,pos=E"`` of the DiT run (its config.json), so the SPM runs build the same
     DiT (a run saved before ``pos_embed`` existed has learned positions)."""
     from sqattn import sample as sample_lib
+    from sqattn.configs import base as base_configs
     try:
         model = sample_lib.load_config(dit_workdir).model
-        return (f",patch={int(model.patch)},width={int(model.d_model)},depth={int(model.depth)}"
-                f",pos={model.get('pos_embed', 'learned')}")
+        pos = model.get("pos_embed", base_configs.ADDED_FAMILY_SETTINGS["model.pos_embed"])
+        return f",patch={int(model.patch)},width={int(model.d_model)},depth={int(model.depth)},pos={pos}"
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise ValueError(f"spm: cannot read the DiT's model shape from {dit_workdir}/config.json: {e}") from e
 

@@ -7,8 +7,8 @@ tokens with fixed 2-D sincos positions, width 64, 4 blocks, 4 heads, text encode
 AdamW 1e-3 (wd 0), batch 128, 6000 steps, min-SNR-5 weighting of the eps loss (min(SNR, 5) / SNR, Hang et al.
 2023: the loss's weight moves off the nearly clean timesteps; ``minsnr=0`` for the plain eps MSE). This is the
 recipe of experiments/spm.py's fourth attempt (72 min on one CPU core, judge shape accuracy 0.72); before
-2026-12-03 23:00 the defaults were patch 4, learned positions, batch 32, 3000 steps, no min-SNR, whose samples drew no
-recognisable shapes. On this CPU a step is overhead-bound: a batch of 128 costs ~1.3x a batch of 32.
+2026-12-03 23:00 the defaults were patch 4, learned positions, batch 32, 3000 steps, no min-SNR, whose samples
+drew no recognisable shapes. On this CPU a step is overhead-bound: a batch of 128 costs ~1.3x a batch of 32.
 ``kind=judge`` (``judge_shapes``): task ``shapes_judge``, model ``judge_cnn`` (4 convs, width 32), AdamW 3e-3, 1000 steps.
 ``kind=spm`` (``spm_shapes``): task ``spm``, the DiT config with ``peft.method="spm"`` (rank-1 adapters on
 every Dense of the DiT blocks), only the adapters trained (``optim.trainable``), Adam 1e-3, batch 4,
@@ -36,7 +36,7 @@ from sqattn.data import shapes
 KINDS = ("dit", "judge", "spm")
 
 
-def dit_model(width: int = 64, depth: int = 4, patch: int = 4, pos: str = "sincos") -> ml_collections.ConfigDict:
+def dit_model(width: int, depth: int, patch: int, pos: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         image_size=16, channels=3, patch=patch, d_model=width, depth=depth, num_heads=4, mlp_ratio=4,
         vocab_size=len(shapes.VOCAB), text_len=shapes.TEXT_LEN, text_layers=2, pos_embed=pos))
